@@ -1,0 +1,158 @@
+"""The `effconv` command: a thin layer over the library that parses, prints and maps errors to exit codes.
+
+Exit codes: 0 success, 1 parity failure (verify), 2 bad input or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections import Counter
+
+import click
+
+from effconv import __version__
+from effconv.errors import EffconvError
+from effconv.models.spec import ARCH_NAMES
+
+VARIANT_NAMES = ("standard", "aa", "advprop", "noisystudent", "randaug")
+SRC_HELP = "checkpoint directory, prefix (.../model.ckpt), .index file, or the .tar/.tar.gz as downloaded"
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"effconv: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(command):
+    """Turn our exceptions into one line on stderr and the documented exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except EffconvError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False, disable=None)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="effconv")
+def main() -> None:
+    """Convert official TensorFlow EfficientNet checkpoints (b0-b8, l2) to exact PyTorch models."""
+
+
+@main.command()
+@click.option("--src", required=True, help=SRC_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="output weights X.pth; X.json is the card")
+@click.option("--arch", type=click.Choice(ARCH_NAMES), help="expected arch; detected when omitted, error if it differs")
+@click.option(
+    "--weights",
+    type=click.Choice(["auto", "ema", "raw"]),
+    default="auto",
+    show_default=True,
+    help="auto: the EMA copies when the checkpoint has them (as the official evaluator), raw otherwise",
+)
+@click.option("--allow-mixed", is_flag=True, help="accept a checkpoint with EMA copies for only some variables")
+@click.option(
+    "--variant",
+    type=click.Choice(VARIANT_NAMES),
+    help="training variant; decides the preprocessing in the card (advprop: [-1, 1] input). "
+    "Detected from official file names when possible, else 'standard'",
+)
+@click.option("--image-size", type=click.IntRange(16, 4096), help="input size recorded in the card (default native)")
+@click.option("--force", is_flag=True, help="overwrite existing output files")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
+@handles_errors
+def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, quiet):
+    """Convert a checkpoint to a PyTorch state dict (X.pth) plus model card (X.json)."""
+    from effconv.artifact import check_output, write_artifact
+    from effconv.convert import convert_checkpoint
+
+    check_output(out, force)
+    bar, update = _progress_bar("reading") if not quiet else (None, None)
+    try:
+        result = convert_checkpoint(
+            src,
+            arch=arch,
+            weights=weights,
+            allow_mixed=allow_mixed,
+            variant=variant,
+            image_size=image_size,
+            progress=update,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for warning in result.warnings:
+        click.secho(f"effconv: warning: {warning}", err=True, fg="yellow")
+    weights_path, card_path = write_artifact(result.state_dict, result.card, out, force)
+    if not quiet:
+        card = result.card
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(result.skipped.values()).most_common())
+        click.echo(
+            f"converted efficientnet-{card['arch']} ({card['num_classes']} classes, variant {card['variant']}, "
+            f"{card['weights'].upper()} weights)\n"
+            f"  {card['mapped']} tensors mapped, {len(result.skipped)} skipped ({reasons or 'none'})\n"
+            f"  {card['parameters']:,} parameters in {result.seconds:.2f} s\n"
+            f"  wrote {weights_path} and {card_path}"
+        )
+
+
+@main.command()
+@click.option("--src", required=True, help=SRC_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@handles_errors
+def inspect(src, as_json):
+    """Show what a checkpoint holds: arch, classes, EMA, variables, bytes."""
+    from effconv.inspection import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(src)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.option("--arch", required=True, type=click.Choice(ARCH_NAMES))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to create")
+@click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(0), help="0: no head")
+@click.option("--ema-only", is_flag=True, help="only EMA copies, like the released L2 checkpoints")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--force", is_flag=True, help="write into an existing, non-empty directory")
+@handles_errors
+def synth(arch, out, num_classes, ema_only, seed, force):
+    """Write a random, well-scaled checkpoint in the official format (needs TensorFlow)."""
+    from pathlib import Path
+
+    from effconv.errors import UsageError
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not force:
+        raise UsageError(f"output directory is not empty: {target} (use --force)")
+    try:
+        from effconv.synth import write_synthetic_checkpoint
+    except ImportError as e:
+        raise UsageError(f"effconv synth needs TensorFlow ({e}); pip install 'effconv[tf]'") from e
+    prefix = write_synthetic_checkpoint(
+        arch, target, num_classes=num_classes, ema_only=ema_only, seed=seed, progress=lambda m: click.echo(m, err=True)
+    )
+    click.echo(f"wrote official-format efficientnet-{arch} checkpoint {prefix}")
+
+
+if __name__ == "__main__":
+    main()

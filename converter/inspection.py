@@ -1,0 +1,81 @@
+"""`effconv inspect`: what a checkpoint holds, without reading its tensors."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from effconv.bundle import TensorBundleReader
+from effconv.detect import detect_layout
+from effconv.errors import EffconvError
+from effconv.mappings import engine
+from effconv.mappings.official import EMA_SUFFIX
+from effconv.source import resolve_checkpoint
+
+
+def inspect_checkpoint(src: str | os.PathLike) -> dict:
+    """A JSON-ready description of the checkpoint at `src`."""
+    with resolve_checkpoint(src) as files, TensorBundleReader(files.prefix) as reader:
+        keys = reader.keys()
+        infos = {k: reader.info(k) for k in keys}
+        report: dict = {
+            "source": str(files.origin),
+            "prefix_path": str(files.prefix),
+            "files": {p.name: p.stat().st_size for p in files.files},
+            "variables": len(keys),
+            "bytes": sum(i.nbytes for i in infos.values()),
+            "dtypes": dict(Counter(str(i.dtype) for i in infos.values())),
+        }
+        try:
+            layout = detect_layout({k: i.shape for k, i in infos.items()})
+        except EffconvError as e:
+            report.update(arch=None, problem=str(e))
+            return report
+        plan = engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
+        needed = {m.source for m in plan}
+        ema = sum(1 for n in needed if n + EMA_SUFFIX in infos)
+        raw = sum(1 for n in needed if n in infos)
+        model_keys = needed | {n + EMA_SUFFIX for n in needed}
+        other = engine.classify_unused([k for k in keys if k not in model_keys])
+        report.update(
+            arch=layout.arch,
+            prefix=layout.prefix,
+            bn_scope=layout.bn,
+            num_classes=layout.num_classes,
+            blocks=layout.num_blocks,
+            model_variables=len(needed),
+            ema_copies=ema,
+            raw_copies=raw,
+            ema="complete" if ema == len(needed) else ("none" if ema == 0 else "partial"),
+            missing=sorted(n for n in needed if n not in infos and n + EMA_SUFFIX not in infos),
+            optimizer_slots=sum(1 for r in other.values() if r == "optimizer slot"),
+            unknown_variables=sorted(k for k, r in other.items() if r == "unknown variable"),
+            global_step=int(reader.read("global_step")) if "global_step" in infos else None,
+        )
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The human-readable form of `inspect_checkpoint`'s result."""
+    mib = report["bytes"] / 2**20
+    lines = [
+        f"source:      {report['source']}",
+        f"variables:   {report['variables']} ({mib:,.1f} MiB of tensor data; dtypes {report['dtypes']})",
+    ]
+    if report.get("arch") is None:
+        lines.append(f"arch:        not recognised: {report.get('problem')}")
+        return "\n".join(lines)
+    lines += [
+        f"arch:        {report['arch']} (prefix '{report['prefix']}', {report['blocks']} blocks, "
+        f"batch norm '{report['bn_scope']}')",
+        f"classes:     {report['num_classes'] or 'no classifier head'}",
+        f"EMA:         {report['ema']} ({report['ema_copies']} EMA / {report['raw_copies']} raw copies "
+        f"of {report['model_variables']} model variables)",
+        f"global step: {report['global_step']}",
+        f"optimizer:   {report['optimizer_slots']} slot variables (ignored on conversion)",
+        f"unknown:     {len(report['unknown_variables'])}"
+        + (f" e.g. {report['unknown_variables'][:3]}" if report["unknown_variables"] else ""),
+    ]
+    if report["missing"]:
+        lines.append(f"MISSING:     {len(report['missing'])} model variables, e.g. {report['missing'][:3]}")
+    return "\n".join(lines)

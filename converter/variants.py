@@ -1,0 +1,75 @@
+"""Training variants of the official checkpoints and the preprocessing each expects."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from effconv.errors import UsageError
+from effconv.models import spec
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+ADVPROP_MEAN = (127.5, 127.5, 127.5)
+ADVPROP_STD = (127.5, 127.5, 127.5)
+CROP_PADDING = 32  # as when the checkpoints were released
+INTERPOLATION = "bicubic-tf1-legacy"  # tf.compat.v1.image.resize_bicubic, no half-pixel centres
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    title: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    path_pattern: str | None  # matches official download names that prove this variant
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("standard", "standard (ckpts/)", IMAGENET_MEAN, IMAGENET_STD, None),
+        Variant("aa", "AutoAugment (ckptsaug/)", IMAGENET_MEAN, IMAGENET_STD, r"ckptsaug"),
+        Variant("advprop", "AdvProp + AutoAugment", ADVPROP_MEAN, ADVPROP_STD, r"advprop"),
+        Variant("noisystudent", "NoisyStudent", IMAGENET_MEAN, IMAGENET_STD, r"noisy[-_ ]?student"),
+        Variant("randaug", "RandAugment", IMAGENET_MEAN, IMAGENET_STD, r"randaug"),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise UsageError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def detect_variant(path: str | PurePath) -> str | None:
+    """The variant that the official file or folder names in `path` prove, else None."""
+    text = str(path).lower()
+    found = [v.name for v in VARIANTS.values() if v.path_pattern and re.search(v.path_pattern, text)]
+    return found[0] if len(found) == 1 else None
+
+
+def detect_image_size(arch: str, path: str | PurePath) -> int:
+    """Native input size; the L2 checkpoint fine-tuned at 475 px says so in its name."""
+    if spec.get_arch(arch).name == "l2" and re.search(r"l2[-_]475", str(path).lower()):
+        return 475
+    return spec.get_arch(arch).resolution
+
+
+def preprocessing(variant: str, image_size: int) -> dict:
+    """The official evaluation preprocessing, as recorded in the model card."""
+    v = get_variant(variant)
+    return {
+        "image_size": image_size,
+        "crop": "center",
+        "crop_padding": CROP_PADDING,
+        "crop_fraction": round(image_size / (image_size + CROP_PADDING), 6),
+        "interpolation": INTERPOLATION,
+        "input_range": "RGB 0-255, float, not clipped",
+        "mean": list(v.mean),
+        "std": list(v.std),
+        "channel_order": "RGB",
+        "layout": "NCHW",
+    }

@@ -1,0 +1,1 @@
+"""Name-mapping tables from source checkpoints to PyTorch state dicts."""

@@ -1,0 +1,82 @@
+"""Official TPU-repo variable names -> effconv's native state dict, as data.
+
+Each row is (source suffix, target suffix, transform). `{bn}` stands for the
+batch-norm scope name (`tpu_batch_normalization` or `batch_normalization`); a
+row with transform "bn" expands to the four batch-norm variables. The engine in
+`effconv.mappings.engine` expands these rows over the architecture table.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Rule(NamedTuple):
+    source: str
+    target: str
+    transform: str
+
+
+# TF batch-norm variable -> PyTorch batch-norm tensor.
+BN_FIELDS: tuple[tuple[str, str], ...] = (
+    ("gamma", "weight"),
+    ("beta", "bias"),
+    ("moving_mean", "running_mean"),
+    ("moving_variance", "running_var"),
+)
+
+STEM: tuple[Rule, ...] = (
+    Rule("stem/conv2d/kernel", "stem.conv.weight", "conv"),
+    Rule("stem/{bn}", "stem.bn", "bn"),
+)
+
+_SE: tuple[Rule, ...] = (
+    Rule("se/conv2d/kernel", "se.reduce.weight", "conv"),
+    Rule("se/conv2d/bias", "se.reduce.bias", "copy"),
+    Rule("se/conv2d_1/kernel", "se.expand.weight", "conv"),
+    Rule("se/conv2d_1/bias", "se.expand.bias", "copy"),
+)
+
+# Scope suffixes (_1, _2) follow call order inside each block, so they shift
+# by one when the block has no expand conv.
+EXPAND_BLOCK: tuple[Rule, ...] = (
+    Rule("conv2d/kernel", "expand_conv.weight", "conv"),
+    Rule("{bn}", "expand_bn", "bn"),
+    Rule("depthwise_conv2d/depthwise_kernel", "dw_conv.weight", "depthwise"),
+    Rule("{bn}_1", "dw_bn", "bn"),
+    *_SE,
+    Rule("conv2d_1/kernel", "project_conv.weight", "conv"),
+    Rule("{bn}_2", "project_bn", "bn"),
+)
+
+PLAIN_BLOCK: tuple[Rule, ...] = (
+    Rule("depthwise_conv2d/depthwise_kernel", "dw_conv.weight", "depthwise"),
+    Rule("{bn}", "dw_bn", "bn"),
+    *_SE,
+    Rule("conv2d/kernel", "project_conv.weight", "conv"),
+    Rule("{bn}_1", "project_bn", "bn"),
+)
+
+HEAD: tuple[Rule, ...] = (
+    Rule("head/conv2d/kernel", "head.conv.weight", "conv"),
+    Rule("head/{bn}", "head.bn", "bn"),
+)
+
+CLASSIFIER: tuple[Rule, ...] = (
+    Rule("head/dense/kernel", "classifier.weight", "dense"),
+    Rule("head/dense/bias", "classifier.bias", "copy"),
+)
+
+BLOCK_SCOPE = "blocks_{index}"
+BLOCK_TARGET = "blocks.{index}"
+BN_SCOPES: tuple[str, ...] = ("tpu_batch_normalization", "batch_normalization")
+EMA_SUFFIX = "/ExponentialMovingAverage"
+# Training-only variables that may sit beside the model's: (suffix or name, reason).
+KNOWN_EXTRAS: tuple[tuple[str, str], ...] = (
+    ("/RMSProp", "optimizer slot"),
+    ("/RMSProp_1", "optimizer slot"),
+    ("/Momentum", "optimizer slot"),
+    ("/Adam", "optimizer slot"),
+    ("/Adam_1", "optimizer slot"),
+)
+KNOWN_GLOBALS: tuple[str, ...] = ("global_step",)

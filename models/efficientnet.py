@@ -1,0 +1,141 @@
+"""The PyTorch EfficientNet, built from the architecture table (NCHW, normalised input)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effconv.models import spec
+from effconv.models.same_padding import SameConv2d
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=spec.BN_EPS, momentum=spec.BN_MOMENTUM_TORCH)
+
+
+class ConvBNAct(nn.Module):
+    """Convolution, batch norm, optional swish: the stem and the head conv."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, act: bool = True):
+        super().__init__()
+        self.conv = SameConv2d(cin, cout, kernel, stride, bias=False)
+        self.bn = _bn(cout)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = self.expand(self.act(self.reduce(s)))
+        return x * torch.sigmoid(s)
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck with squeeze-excite, as one row of `spec.blocks`."""
+
+    def __init__(self, block: spec.BlockSpec):
+        super().__init__()
+        mid = block.mid_channels
+        self.has_residual = block.has_residual
+        if block.has_expand:
+            self.expand_conv = SameConv2d(block.in_channels, mid, 1, bias=False)
+            self.expand_bn = _bn(mid)
+        self.dw_conv = SameConv2d(mid, mid, block.kernel, block.stride, groups=mid, bias=False)
+        self.dw_bn = _bn(mid)
+        self.se = SqueezeExcite(mid, block.se_channels)
+        self.project_conv = SameConv2d(mid, block.out_channels, 1, bias=False)
+        self.project_bn = _bn(block.out_channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if hasattr(self, "expand_conv"):
+            y = self.act(self.expand_bn(self.expand_conv(y)))
+        y = self.act(self.dw_bn(self.dw_conv(y)))
+        y = self.project_bn(self.project_conv(self.se(y)))
+        return y + x if self.has_residual else y
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet b0..b8 / l2 with BN eps 1e-3 and exact TF 'SAME' padding.
+
+    `num_classes=0` builds a feature extractor without the dense layer.
+    """
+
+    def __init__(self, arch: str, num_classes: int = 1000):
+        super().__init__()
+        self.arch = spec.get_arch(arch).name
+        self.num_classes = num_classes
+        block_specs = spec.blocks(self.arch)
+        self.stage_ends = spec.stage_ends(self.arch)
+        self.stem = ConvBNAct(3, spec.stem_channels(self.arch), 3, 2)
+        self.blocks = nn.ModuleList(MBConv(b) for b in block_specs)
+        self.head = ConvBNAct(block_specs[-1].out_channels, spec.head_channels(self.arch), 1)
+        self.dropout = nn.Dropout(spec.get_arch(self.arch).dropout)
+        if num_classes:
+            self.classifier = nn.Linear(spec.head_channels(self.arch), num_classes)
+
+    def forward_endpoints(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every intermediate output, named like the official endpoints."""
+        out = {"stem": self.stem(x)}
+        y = out["stem"]
+        for i, block in enumerate(self.blocks):
+            y = out[f"block_{i}"] = block(y)
+        out["features"] = y
+        out["head_1x1"] = self.head(y)
+        out["pooled_features"] = out["head_1x1"].mean((2, 3))
+        if self.num_classes:
+            out["logits"] = self.classifier(out["pooled_features"])
+        return out
+
+    def extract_feat(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Outputs of the stem, of each of the 7 stages, and of the head conv."""
+        feats = [self.stem(x)]
+        y = feats[0]
+        ends = set(self.stage_ends)
+        for i, block in enumerate(self.blocks):
+            y = block(y)
+            if i in ends:
+                feats.append(y)
+        feats.append(self.head(y))
+        return tuple(feats)
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`extract_feat` as a dict: `stem`, `stage1`..`stage7`, `head`."""
+        feats = self.extract_feat(x)
+        names = ["stem"] + [f"stage{i + 1}" for i in range(len(self.stage_ends))] + ["head"]
+        return dict(zip(names, feats, strict=True))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean((2, 3))
+        if not self.num_classes:
+            return pooled
+        return self.classifier(self.dropout(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        for block in self.blocks:
+            y = block(y)
+        return self.forward_head(self.head(y))
+
+
+def create_model(arch: str, num_classes: int = 1000) -> EfficientNet:
+    """A randomly initialised EfficientNet of `arch` (b0..b8, l2), in eval mode."""
+    return EfficientNet(arch, num_classes).eval()
+
+
+def model_tensor_shapes(arch: str, num_classes: int) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Shapes of the native model's state dict and its parameter count, without allocating it."""
+    with torch.device("meta"):
+        model = EfficientNet(arch, num_classes)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from effconv.errors import UsageError
+from effconv.models import spec
+
+# FACTS.md section 1.
+BLOCK_COUNTS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55, "b8": 61, "l2": 88}
+STEM_HEAD = {
+    "b0": (32, 1280),
+    "b2": (32, 1408),
+    "b3": (40, 1536),
+    "b4": (48, 1792),
+    "b5": (48, 2048),
+    "b6": (56, 2304),
+    "b7": (64, 2560),
+    "b8": (72, 2816),
+    "l2": (136, 5504),
+}
+
+
+@pytest.mark.parametrize("arch", spec.ARCH_NAMES)
+def test_block_counts(arch):
+    assert len(spec.blocks(arch)) == BLOCK_COUNTS[arch]
+    assert [b.index for b in spec.blocks(arch)] == list(range(BLOCK_COUNTS[arch]))
+
+
+@pytest.mark.parametrize("arch", sorted(STEM_HEAD))
+def test_stem_and_head_channels(arch):
+    assert (spec.stem_channels(arch), spec.head_channels(arch)) == STEM_HEAD[arch]
+
+
+def test_rounding_rules():
+    assert spec.round_channels(32, 4.3) == 136  # 137.6 -> 136, within 10 %
+    assert spec.round_channels(16, 1.1) == 16  # 17.6 -> 16
+    assert spec.round_channels(3, 1.0) == 8  # floor at the divisor
+    assert spec.round_repeats(1, 2.2) == 3
+    assert spec.round_repeats(4, 3.1) == 13
+
+
+def test_block_rules():
+    b0 = spec.blocks("b0")
+    assert not b0[0].has_expand and b0[0].se_channels == 8 and b0[0].mid_channels == 32
+    assert b0[1].stride == 2 and not b0[1].has_residual and b0[1].se_channels == 4
+    assert b0[2].stride == 1 and b0[2].has_residual
+    # SE width follows the block INPUT channels, not the expanded ones.
+    assert all(b.se_channels == max(1, int(b.in_channels * 0.25)) for b in spec.blocks("l2"))
+    # Every block of the first stage has expand ratio 1 (b5 has three of them).
+    assert sum(not b.has_expand for b in spec.blocks("b5")) == 3
+    assert sum(not b.has_expand for b in spec.blocks("l2")) == 6
+
+
+def test_stage_ends_cover_all_stages():
+    ends = spec.stage_ends("b0")
+    assert ends == (0, 2, 4, 7, 10, 14, 15)
+
+
+def test_unknown_arch_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown architecture"):
+        spec.get_arch("b9")
+    assert spec.get_arch("efficientnet-b3").name == "b3"
