@@ -374,9 +374,7 @@ def _tensor_info(name: str, entry: _Entry) -> TensorInfo:
     elif dtype is None:
         unsupported = f"dtype {dtype_name}"
     elif entry.size != math.prod(entry.shape) * dtype.itemsize:
-        raise _FormatError(
-            f"tensor {name!r} of shape {entry.shape} and dtype {dtype_name} has {entry.size} bytes"
-        )
+        raise _FormatError(f"tensor {name!r} of shape {entry.shape} and dtype {dtype_name} has {entry.size} bytes")
     return TensorInfo(
         name=name,
         dtype=_NO_DTYPE if unsupported else dtype,
@@ -503,9 +501,7 @@ class TensorBundleReader:
                 f.seek(info.offset)
                 got = _read_into(f, buffer)
             if got != info.size:
-                raise CheckpointError(
-                    f"truncated data file {path}: tensor {name!r} got {got} of {info.size} bytes"
-                )
+                raise CheckpointError(f"truncated data file {path}: tensor {name!r} got {got} of {info.size} bytes")
         if verify and google_crc32c.value(buffer) != info.crc32c:
             raise CheckpointError(f"crc32c mismatch in tensor {name!r} of {path}: the data file is corrupted")
         return buffer.view(info.dtype).reshape(info.shape)
@@ -516,7 +512,7 @@ class TensorBundleReader:
         f = self._files.get(shard)
         if f is None:
             try:
-                f = open(self.shard_paths[shard], "rb", buffering=0)  # noqa: SIM115 - kept open until close()
+                f = open(self.shard_paths[shard], "rb", buffering=0)  # kept open until close()
             except OSError as e:
                 raise CheckpointError(f"cannot open data shard {self.shard_paths[shard]}: {e.strerror}") from None
             self._files[shard] = f

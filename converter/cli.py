@@ -52,6 +52,29 @@ def _progress_bar(desc: str):
     return bar, update
 
 
+class _StatusLine:
+    """A one-line spinner of what is running (TF and PyTorch take seconds to minutes on big archs)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.start = None
+        self.active = sys.stderr.isatty() and not quiet
+
+    def __call__(self, message: str) -> None:
+        import time
+
+        self.start = self.start or time.perf_counter()
+        text = f"[{time.perf_counter() - self.start:6.1f}s] {message}"
+        if self.active:
+            click.echo(f"\r\033[K{text}", nl=False, err=True)
+        elif not self.quiet:
+            click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.active:
+            click.echo("\r\033[K", nl=False, err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="effconv")
 def main() -> None:
@@ -152,6 +175,104 @@ def synth(arch, out, num_classes, ema_only, seed, force):
         arch, target, num_classes=num_classes, ema_only=ema_only, seed=seed, progress=lambda m: click.echo(m, err=True)
     )
     click.echo(f"wrote official-format efficientnet-{arch} checkpoint {prefix}")
+
+
+@main.command()
+@click.option("--src", required=True, help=SRC_HELP)
+@click.option(
+    "--weights", "artifact", type=click.Path(dir_okay=False), help="converted X.pth to check (card beside it)"
+)
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="random inputs per batch")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the N(0,1) inputs")
+@click.option(
+    "--input-size",
+    "input_sizes",
+    multiple=True,
+    type=click.IntRange(1),
+    help="input side in pixels; repeatable; default the native size (any size, odd ones included)",
+)
+@click.option("--images", type=click.Path(file_okay=False), help="folder of real images (.jpg/.png) to compare on")
+@click.option("--atol", default=1e-3, show_default=True, type=float, help="absolute tolerance on logits")
+@click.option("--rtol", default=0.0, show_default=True, type=float, help="tolerance relative to max |TF logit|")
+@click.option("--per-layer", is_flag=True, help="compare every endpoint (automatic when logits fail)")
+@click.option(
+    "--weights-policy",
+    type=click.Choice(["auto", "ema", "raw"]),
+    default="auto",
+    show_default=True,
+    help="EMA choice for an in-memory conversion (ignored with --weights: the card decides)",
+)
+@click.option("--allow-mixed", is_flag=True, help="accept partial EMA coverage (in-memory conversion)")
+@click.option("--variant", type=click.Choice(VARIANT_NAMES), help="preprocessing for --images (in-memory conversion)")
+@click.option(
+    "--report",
+    "reports",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="write a report: .json, .md, .xml (JUnit) or .png (per-layer plot); repeatable",
+)
+@click.option("-q", "--quiet", is_flag=True, help="print only the verdict")
+@handles_errors
+def verify(
+    src,
+    artifact,
+    batch,
+    seed,
+    input_sizes,
+    images,
+    atol,
+    rtol,
+    per_layer,
+    weights_policy,
+    allow_mixed,
+    variant,
+    reports,
+    quiet,
+):
+    """Run TensorFlow and PyTorch on identical inputs and compare logits (and layers).
+
+    Exit code 0: parity within tolerance; 1: parity failure; 2: usage or input error.
+    """
+    from effconv.reports import check_report_paths, to_markdown, write_reports
+    from effconv.verify import verify as run_verify
+
+    report_paths = check_report_paths(reports)
+    status = _StatusLine(quiet)
+    try:
+        result = run_verify(
+            src,
+            artifact,
+            batch=batch,
+            seed=seed,
+            input_sizes=list(input_sizes) or None,
+            images=images,
+            atol=atol,
+            rtol=rtol,
+            per_layer=per_layer,
+            weights=weights_policy,
+            allow_mixed=allow_mixed,
+            variant=variant,
+            say=status,
+        )
+    finally:
+        status.close()
+    data = result.to_dict()
+    write_reports([data], report_paths)
+    if not quiet:
+        click.echo(to_markdown([data], f"efficientnet-{result.arch} parity ({result.weights.upper()} weights)"))
+        for case in result.cases:
+            if case.layers:
+                click.echo(f"per-layer max |torch - tf| for {case.name}:")
+                for layer in case.layers:
+                    mark = "ok " if layer.passed else "BAD"
+                    click.echo(f"  {mark} {layer.name:<16} {layer.max_abs:.3g} (tol {layer.tolerance:.3g})")
+    if result.passed:
+        click.echo(f"PASS: efficientnet-{result.arch}, {len(result.cases)} case(s) within tolerance")
+    else:
+        bad = [c for c in result.cases if not c.passed]
+        where = ", ".join(f"{c.name} first diverges at {c.first_divergent}" for c in bad)
+        click.echo(f"FAIL: {where}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ EMA_SUFFIX = "ExponentialMovingAverage"
 RMSPROP_SUFFIXES = ("RMSProp", "RMSProp_1")
 MOVING_STATS = ("moving_mean", "moving_variance")
 
-CALIBRATION_BATCH = 2
-MAX_CALIBRATION_SIZE = 128  # px; BN statistics hardly depend on it, the cost does
+CALIBRATION_BATCH = int(__import__("os").environ.get("CB", 2))
+MAX_CALIBRATION_SIZE = int(__import__("os").environ.get("CS", 128))  # px; BN statistics hardly depend on it, the cost does
 LOGITS_STD = 2.0  # the official fixture's random model has ~2.2
 TINY_CHANNEL_FRACTION = 0.01
 TINY_CHANNEL_SCALE = 1e-2  # on the kernel, so 1e-4 on the variance
-RAW_NOISE = 0.1  # relative: raw = ema + RAW_NOISE * rms(ema) * N(0, 1)
-RAW_VARIANCE_NOISE = 0.2  # log-normal, keeps variances positive
+RAW_NOISE = float(__import__("os").environ.get("RN", 0.1))
+STAT_NOISE = float(__import__("os").environ.get("SN", 0.05))
 
 
 def write_checkpoint(weights: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -99,22 +99,25 @@ def write_synthetic_checkpoint(
     spec = get_arch(arch)
     size = calibration_size or min(spec.resolution, MAX_CALIBRATION_SIZE)
 
-    gen = _make_generator(spec.name, num_classes, bn_name, prefix, seed)
+    net = _make_network(spec.name, num_classes, bn_name, prefix, seed, say)
+    x = _normal([CALIBRATION_BATCH, size, size, 3], seed, "calibration", "input") if calibrate else None
     if calibrate:
         say(f"calibrating {spec.name} on {CALIBRATION_BATCH}x{size}x{size}")
-        gen.calibrate(CALIBRATION_BATCH, size, say)
-    ema = gen.all_values()
+    ema = net.build(net.initial, x, fit_logits=True)
+    # Raw = EMA plus noise on the trainable weights, with BN statistics calibrated
+    # for those weights again: a self-consistent network, not a broken one.
+    raw = None if ema_only else net.build(lambda name: _perturbed(name, ema[name], seed), x)
 
     out: dict[str, Any] = {}
-    for name, value in ema.items():
-        if not ema_only:
-            out[name] = _raw_copy(name, value, seed)
+    for name in net.shapes:
+        if raw is not None:
+            out[name] = raw.pop(name)
         if not raw_only:
-            out[f"{name}/{EMA_SUFFIX}"] = value
+            out[f"{name}/{EMA_SUFFIX}"] = ema[name]
         if optimizer_slots and not name.endswith(MOVING_STATS):
-            out.update(_rmsprop_slots(name, value, seed))
+            out.update(_rmsprop_slots(name, ema[name], seed))
     out["global_step"] = tf.constant(global_step, tf.int64)
-    del ema, gen
+    del ema, raw, net
     say(f"writing {len(out)} tensors to {out_dir}")
     return write_checkpoint(out, out_dir)
 
@@ -136,13 +139,10 @@ def _rms(value):
     return tf.sqrt(tf.reduce_mean(tf.square(value)))
 
 
-def _raw_copy(name: str, ema, seed: int):
+def _perturbed(name: str, ema, seed: int):
     import tensorflow as tf
 
-    noise = _normal(ema.shape, seed, name, "raw")
-    if name.endswith("moving_variance"):
-        return ema * tf.exp(RAW_VARIANCE_NOISE * noise)
-    return ema + RAW_NOISE * _rms(ema) * noise
+    return ema * tf.exp(RAW_NOISE * _normal(ema.shape, seed, name, "raw"))
 
 
 def _rmsprop_slots(name: str, value, seed: int) -> dict[str, Any]:
@@ -154,33 +154,47 @@ def _rmsprop_slots(name: str, value, seed: int) -> dict[str, Any]:
     return {f"{name}/{RMSPROP_SUFFIXES[0]}": rms, f"{name}/{RMSPROP_SUFFIXES[1]}": momentum}
 
 
-def _make_generator(arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int):
-    """Build the generator class on first use, so that TensorFlow is imported lazily."""
+def _make_network(
+    arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]
+):
+    """The calibrating network; a class built on first use so that TensorFlow is imported lazily."""
     import tensorflow as tf
 
     from effconv.models.tf_reference import ReferenceForward, official_variable_shapes
 
-    class Generator(ReferenceForward):
+    class CalibratingNetwork(ReferenceForward):
         """The reference forward whose variables are drawn on first use and whose BNs calibrate."""
-
-        calibrating = False
-        say: Callable[[str], None] = staticmethod(lambda _msg: None)
 
         def __init__(self) -> None:
             super().__init__(arch, num_classes, bn_name, prefix)
             self.shapes = official_variable_shapes(arch, num_classes, bn_name, self.prefix)
-            self.values: dict[str, tf.Tensor] = {}
             self.num_blocks = len(blocks(arch))
+            self.values: dict[str, tf.Tensor] = {}
+            self.draw: Callable[[str], tf.Tensor] = self.initial
+            self.calibrating = self.fit_logits = False
+
+        def build(
+            self, draw: Callable[[str], tf.Tensor], x: tf.Tensor | None, fit_logits: bool = False
+        ) -> dict[str, tf.Tensor]:
+            """Every variable, drawn by `draw` except the BN statistics, which are measured on `x`."""
+            self.values, self.draw = {}, draw
+            if x is not None:
+                self.calibrating, self.fit_logits = True, fit_logits
+                try:
+                    self.forward(x)
+                finally:
+                    self.calibrating = self.fit_logits = False
+            values = {name: self.variable(name) for name in self.shapes}
+            self.values = {}
+            return values
 
         def variable(self, name: str) -> tf.Tensor:
             if name not in self.values:
-                self.values[name] = self._initial(name, self.shapes[name])
+                self.values[name] = self.draw(name)
             return self.values[name]
 
-        def all_values(self) -> dict[str, tf.Tensor]:
-            return {name: self.variable(name) for name in self.shapes}
-
-        def _initial(self, name: str, shape: tuple[int, ...]) -> tf.Tensor:
+        def initial(self, name: str) -> tf.Tensor:
+            shape = self.shapes[name]
             n = _normal(shape, seed, name, "init")
             leaf = name.rsplit("/", 1)[-1]
             if leaf == "gamma":
@@ -193,9 +207,9 @@ def _make_generator(arch: str, num_classes: int, bn_name: str, prefix: str | Non
                 return tf.exp(0.2 * n)
             if leaf == "bias":
                 return 0.1 * n
+            if len(shape) == 2:  # head/dense; calibration rescales it to the target logits std
+                return n / (shape[0] ** 0.5)
             fan_in = shape[0] * shape[1] * (1 if leaf == "depthwise_kernel" else shape[2])
-            if "/head/dense/" in name:
-                return n / (fan_in**0.5)
             if "/se/" in name:
                 return n / (fan_in**0.5)
             # Conv feeding a BN: He init, and a few output channels scaled down.
@@ -207,18 +221,17 @@ def _make_generator(arch: str, num_classes: int, bn_name: str, prefix: str | Non
             if self.calibrating:
                 base = f"{self.prefix}/{scope}"
                 mean, var = tf.nn.moments(x, axes=[0, 1, 2])
-                std = tf.sqrt(var)
-                self.values[f"{base}/moving_mean"] = mean + 0.05 * std * _normal(
+                self.values[f"{base}/moving_mean"] = mean + STAT_NOISE * tf.sqrt(var) * _normal(
                     mean.shape, seed, base, "mean"
                 )
                 self.values[f"{base}/moving_variance"] = var * tf.exp(
-                    0.1 * _normal(var.shape, seed, base, "var")
+                    STAT_NOISE * _normal(var.shape, seed, base, "var")
                 )
             return super().batch_norm(x, scope)
 
         def dense(self, x: tf.Tensor, scope: str) -> tf.Tensor:
             logits = super().dense(x, scope)
-            if self.calibrating:
+            if self.fit_logits:
                 kernel = f"{self.prefix}/{scope}/kernel"
                 self.values[kernel] *= LOGITS_STD / tf.math.reduce_std(logits)
                 logits = super().dense(x, scope)
@@ -226,15 +239,7 @@ def _make_generator(arch: str, num_classes: int, bn_name: str, prefix: str | Non
 
         def block(self, x: tf.Tensor, b) -> tf.Tensor:
             if self.calibrating:
-                self.say(f"block {b.index + 1}/{self.num_blocks}")
+                say(f"block {b.index + 1}/{self.num_blocks}")
             return super().block(x, b)
 
-        def calibrate(self, batch: int, size: int, say: Callable[[str], None]) -> None:
-            x = _normal([batch, size, size, 3], seed, "calibration", "input")
-            self.calibrating, self.say = True, say
-            try:
-                self.forward(x)
-            finally:
-                self.calibrating = False
-
-    return Generator()
+    return CalibratingNetwork()
