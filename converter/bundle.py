@@ -406,8 +406,8 @@ class TensorBundleReader:
                 self._infos = {name: _tensor_info(name, entry) for name, entry in entries.items()}
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint index not found: {self.index_path}") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"checkpoint index is a directory: {self.index_path}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint index {self.index_path}: {e.strerror}") from None
         except _FormatError as e:
             raise CheckpointError(f"corrupted checkpoint index {self.index_path}: {e}") from None
         self._check_header(header, has_entries=bool(entries or slices))
@@ -441,6 +441,8 @@ class TensorBundleReader:
             return path.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"missing data shard {path}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read data shard {path}: {e.strerror}") from None
 
     def _check_fits(self, name: str, shard: int, offset: int, size: int, shard_sizes: list[int]) -> None:
         if not 0 <= shard < self.num_shards:

@@ -192,6 +192,7 @@ def synth(arch, out, num_classes, ema_only, seed, force):
     help="input side in pixels; repeatable; default the native size (any size, odd ones included)",
 )
 @click.option("--images", type=click.Path(file_okay=False), help="folder of real images (.jpg/.png) to compare on")
+@click.option("--inputs", type=click.Path(dir_okay=False), help="your own NHWC float batch (.npy, or .npz with 'x')")
 @click.option("--atol", default=1e-3, show_default=True, type=float, help="absolute tolerance on logits")
 @click.option("--rtol", default=0.0, show_default=True, type=float, help="tolerance relative to max |TF logit|")
 @click.option("--per-layer", is_flag=True, help="compare every endpoint (automatic when logits fail)")
@@ -220,6 +221,7 @@ def verify(
     seed,
     input_sizes,
     images,
+    inputs,
     atol,
     rtol,
     per_layer,
@@ -234,9 +236,11 @@ def verify(
     Exit code 0: parity within tolerance; 1: parity failure; 2: usage or input error.
     """
     from effconv.reports import check_report_paths, to_markdown, write_reports
+    from effconv.verify import load_inputs
     from effconv.verify import verify as run_verify
 
     report_paths = check_report_paths(reports)
+    batch_given = load_inputs(inputs) if inputs else None
     status = _StatusLine(quiet)
     try:
         result = run_verify(
@@ -246,6 +250,7 @@ def verify(
             seed=seed,
             input_sizes=list(input_sizes) or None,
             images=images,
+            inputs=batch_given,
             atol=atol,
             rtol=rtol,
             per_layer=per_layer,

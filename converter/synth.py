@@ -32,11 +32,14 @@ RMSPROP_SUFFIXES = ("RMSProp", "RMSProp_1")
 MOVING_STATS = ("moving_mean", "moving_variance")
 
 CALIBRATION_BATCH = int(__import__("os").environ.get("CB", 2))
-MAX_CALIBRATION_SIZE = int(__import__("os").environ.get("CS", 128))  # px; BN statistics hardly depend on it, the cost does
+MAX_CALIBRATION_SIZE = int(
+    __import__("os").environ.get("CS", 128)
+)  # px; BN statistics hardly depend on it, the cost does
 LOGITS_STD = 2.0  # the official fixture's random model has ~2.2
 TINY_CHANNEL_FRACTION = 0.01
 TINY_CHANNEL_SCALE = 1e-2  # on the kernel, so 1e-4 on the variance
 RAW_NOISE = float(__import__("os").environ.get("RN", 0.1))
+RESIDUAL_GAMMA = float(__import__("os").environ.get("RG", 0.25))
 STAT_NOISE = float(__import__("os").environ.get("SN", 0.05))
 
 
@@ -154,13 +157,11 @@ def _rmsprop_slots(name: str, value, seed: int) -> dict[str, Any]:
     return {f"{name}/{RMSPROP_SUFFIXES[0]}": rms, f"{name}/{RMSPROP_SUFFIXES[1]}": momentum}
 
 
-def _make_network(
-    arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]
-):
+def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]):
     """The calibrating network; a class built on first use so that TensorFlow is imported lazily."""
     import tensorflow as tf
 
-    from effconv.models.tf_reference import ReferenceForward, official_variable_shapes
+    from effconv.models.tf_reference import ReferenceForward, block_names, official_variable_shapes
 
     class CalibratingNetwork(ReferenceForward):
         """The reference forward whose variables are drawn on first use and whose BNs calibrate."""
@@ -169,6 +170,11 @@ def _make_network(
             super().__init__(arch, num_classes, bn_name, prefix)
             self.shapes = official_variable_shapes(arch, num_classes, bn_name, self.prefix)
             self.num_blocks = len(blocks(arch))
+            self.residual_gammas = {
+                f"{self.prefix}/{block_names(b, bn_name).project_bn}/gamma"
+                for b in blocks(arch)
+                if b.has_residual
+            }
             self.values: dict[str, tf.Tensor] = {}
             self.draw: Callable[[str], tf.Tensor] = self.initial
             self.calibrating = self.fit_logits = False
@@ -198,7 +204,8 @@ def _make_network(
             n = _normal(shape, seed, name, "init")
             leaf = name.rsplit("/", 1)[-1]
             if leaf == "gamma":
-                return tf.abs(1.0 + 0.2 * n)
+                scale = RESIDUAL_GAMMA if name in self.residual_gammas else 1.0
+                return scale * tf.abs(1.0 + 0.2 * n)
             if leaf == "beta":
                 return 0.2 * n
             if leaf == "moving_mean":  # only reached without calibration

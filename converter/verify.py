@@ -243,6 +243,7 @@ def verify(
     seed: int = 0,
     input_sizes: list[int] | None = None,
     images: str | os.PathLike | None = None,
+    inputs: np.ndarray | None = None,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     per_layer: bool = False,
@@ -277,7 +278,9 @@ def verify(
                 f"the checkpoint has {layout.num_classes} classes but the PyTorch model {torch_model.num_classes}"
             )
         cases = []
-        sizes = input_sizes or [int(card.get("image_size") or 0) or layout_native(layout.arch)]
+        sizes = input_sizes if input_sizes is not None else [int(card["image_size"])]
+        if inputs is not None and not input_sizes:
+            sizes = []
         for size in sizes:
             if size < 1:
                 raise UsageError(f"--input-size must be positive, got {size}")
@@ -287,6 +290,21 @@ def verify(
                 compare_case(
                     f"{layout.arch}@{size}",
                     desc,
+                    x,
+                    tf_model,
+                    torch_model,
+                    atol=atol,
+                    rtol=rtol,
+                    per_layer=per_layer,
+                    say=say,
+                )
+            )
+        if inputs is not None:
+            x = check_inputs(inputs)
+            cases.append(
+                compare_case(
+                    f"{layout.arch}@inputs",
+                    f"given batch {'x'.join(map(str, x.shape))}",
                     x,
                     tf_model,
                     torch_model,
@@ -313,10 +331,26 @@ def verify(
     )
 
 
-def layout_native(arch: str) -> int:
-    from effconv.models.spec import get_arch
+def check_inputs(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape) < 1 or not np.issubdtype(x.dtype, np.floating):
+        raise UsageError(f"inputs must be a float NHWC batch with 3 channels, got {x.dtype} {list(x.shape)}")
+    return np.ascontiguousarray(x, dtype=np.float32)
 
-    return get_arch(arch).resolution
+
+def load_inputs(path: str | os.PathLike) -> np.ndarray:
+    """An NHWC batch from .npy, or from .npz (array `x`, or its only array)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--inputs {path}: not a readable .npy/.npz file ({e})") from e
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            keys = data.files
+            if "x" not in keys and len(keys) != 1:
+                raise UsageError(f"--inputs {path}: expected an array named 'x' or a single array, found {keys}")
+            return check_inputs(data["x" if "x" in keys else keys[0]])
+    return check_inputs(data)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
