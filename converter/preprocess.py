@@ -31,8 +31,8 @@ def modern_crop_padding(image_size: int) -> int:
 def crop_size(height: int, width: int, image_size: int, crop_padding: int | None = CROP_PADDING) -> int:
     """Side of the centre crop; `crop_padding=None` takes the newer rule.
 
-    The official graph multiplies in float32 before truncating, which can differ from float64 when the product
-    is (nearly) whole, e.g. S=600 on a 632-pixel edge; float32 it is.
+    Multiplied in float32 before truncating, as the official graph does (float64 agrees for every released size
+    and short edges up to 4000 px, but a product close to a whole number could round either way).
     """
     if crop_padding is None:
         crop_padding = modern_crop_padding(image_size)
@@ -121,7 +121,9 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> np.ndarray:
     """HxWx3 uint8 RGB from a JPEG/PNG file or its bytes; greyscale, alpha and palette images become RGB.
 
-    EXIF orientation is ignored, as TensorFlow's decoders ignore it.
+    EXIF orientation is ignored, as TensorFlow's decoders ignore it. PNG pixels equal TensorFlow's; JPEG pixels
+    equal `tf.io.decode_jpeg(dct_method="INTEGER_ACCURATE")`, whereas TensorFlow's default (the official
+    pipeline's) uses the fast integer IDCT and differs by a few levels in most pixels.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -168,26 +170,40 @@ def preprocess_tf(
     mean: Sequence[float] | None = IMAGENET_MEAN,
     std: Sequence[float] | None = IMAGENET_STD,
     crop_padding: int | None = CROP_PADDING,
+    decode_and_crop: bool = False,
 ) -> np.ndarray:
-    """The same pipeline with TensorFlow's own ops (decode, float32 crop arithmetic, legacy resize_bicubic)."""
+    """The same pipeline with TensorFlow's own ops (decode, float32 crop arithmetic, legacy resize_bicubic).
+
+    By default the whole image is decoded and then sliced. `decode_and_crop=True` decodes a JPEG's crop window
+    only, as the official input pipeline does (`tf.image.decode_and_crop_jpeg`); for chroma-subsampled JPEGs
+    that changes a few pixels in the crop's edge rows/columns.
+    """
     import tensorflow as tf
 
     if crop_padding is None:
         crop_padding = modern_crop_padding(image_size)
     try:
-        image = tf.io.decode_image(tf.io.read_file(os.fspath(path)), channels=3, expand_animations=False)
+        contents = tf.io.read_file(os.fspath(path))
+        crop_jpeg = decode_and_crop and bool(tf.io.is_jpeg(contents))
+        if crop_jpeg:
+            shape = tf.image.extract_jpeg_shape(contents)
+        else:
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+            shape = tf.shape(image)
+        height, width = shape[0], shape[1]
+        fraction = image_size / (image_size + crop_padding)
+        crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+        top = ((height - crop) + 1) // 2
+        left = ((width - crop) + 1) // 2
+        if crop_jpeg:
+            image = tf.image.decode_and_crop_jpeg(contents, tf.stack([top, left, crop, crop]), channels=3)
+        else:
+            image = image[top : top + crop, left : left + crop]
+        resized = tf.compat.v1.image.resize_bicubic(
+            image[None], [image_size, image_size], align_corners=False, half_pixel_centers=False
+        )[0]
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         raise UsageError(f"cannot read image {os.fspath(path)}: {e.message.splitlines()[0]}") from None
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    fraction = image_size / (image_size + crop_padding)
-    crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-    top = ((height - crop) + 1) // 2
-    left = ((width - crop) + 1) // 2
-    image = image[top : top + crop, left : left + crop]
-    resized = tf.compat.v1.image.resize_bicubic(
-        image[None], [image_size, image_size], align_corners=False, half_pixel_centers=False
-    )[0]
     if mean is not None or std is not None:
         resized = (resized - tf.constant(_or_zero(mean), tf.float32)) / tf.constant(_or_one(std), tf.float32)
     return resized.numpy()

@@ -3,16 +3,23 @@
 The released checkpoints are large and downloaded; tests and benchmarks need
 the same layout (official names and shapes, raw + `ExponentialMovingAverage`
 shadows, `global_step`, optionally RMSProp slots) for every arch, offline.
-Weights are random but well scaled: He-style kernels, and BN moving statistics
-calibrated layer by layer on a seeded N(0, 1) batch run through our TF reference
-forward, so activations neither vanish nor explode and logits have std O(1).
 
-A few channels of every BN get a ~1e4 times smaller input (and so moving
-variance), like real checkpoints: a wrong BN epsilon shows up on them at once.
+The weights are random but behave like a trained network's: He-style kernels,
+BN moving statistics calibrated layer by layer on a seeded N(0, 1) batch run
+through our TF reference forward (so activations neither vanish nor explode),
+the dense layer scaled to logits of std ~2, and a small gamma on the last BN of
+residual branches (zero-init-last style) so the long residual stages of b7..l2
+stay stable on images and sizes other than the calibration batch.
+A few channels of every BN get a 1e4 times smaller input, and so moving
+variance, as in real checkpoints: a wrong BN epsilon shows up on them at once.
 
-TensorFlow is imported inside the functions: `import effconv.synth` is cheap.
+The raw variables are the EMA ones with noise on the trainable weights and BN
+statistics calibrated again for those weights: a different, equally sane
+network, so raw and EMA logits differ clearly and neither explodes.
+
+TensorFlow is imported inside the functions: importing this module is cheap.
 Every random draw is a stateless function of (seed, variable name, purpose),
-so the output does not depend on the order in which variables are made.
+so nothing depends on the order in which variables are made.
 """
 
 from __future__ import annotations
@@ -31,20 +38,21 @@ EMA_SUFFIX = "ExponentialMovingAverage"
 RMSPROP_SUFFIXES = ("RMSProp", "RMSProp_1")
 MOVING_STATS = ("moving_mean", "moving_variance")
 
-CALIBRATION_BATCH = int(__import__("os").environ.get("CB", 2))
-MAX_CALIBRATION_SIZE = int(
-    __import__("os").environ.get("CS", 128)
-)  # px; BN statistics hardly depend on it, the cost does
-LOGITS_STD = 2.0  # the official fixture's random model has ~2.2
+CALIBRATION_BATCH = 2
+# Calibrating much below ~224 px misestimates the deep 7x7 stages (their maps
+# become mostly border) and the network then explodes at the native size; 320
+# keeps b7 at 600 px within ~2x of the target logits std. L2 costs ~20 s a pass.
+MAX_CALIBRATION_SIZE = 320
+LOGITS_STD = 2.0  # the official fixture's random b0 has 2.2
+RESIDUAL_GAMMA = 0.25
 TINY_CHANNEL_FRACTION = 0.01
-TINY_CHANNEL_SCALE = 1e-2  # on the kernel, so 1e-4 on the variance
-RAW_NOISE = float(__import__("os").environ.get("RN", 0.1))
-RESIDUAL_GAMMA = float(__import__("os").environ.get("RG", 0.25))
-STAT_NOISE = float(__import__("os").environ.get("SN", 0.05))
+TINY_CHANNEL_SCALE = 1e-2  # on the kernel column, so 1e-4 on the variance
+STAT_NOISE = 0.05  # relative noise on the calibrated moving mean (in std units) and variance
+RAW_NOISE = 0.1  # raw = ema * exp(RAW_NOISE * N(0, 1)): keeps signs and tiny channels
 
 
 def write_checkpoint(weights: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write `weights` ({name: array or tf tensor}) as a TF checkpoint `out_dir/model.ckpt`.
+    """Write `weights` ({name: numpy array or tf tensor}) as the TF checkpoint `out_dir/model.ckpt`.
 
     Produces `model.ckpt.index`, `model.ckpt.data-00000-of-00001` and the
     `checkpoint` state file, as the official trainer leaves them. Dtypes are
@@ -86,11 +94,12 @@ def write_synthetic_checkpoint(
 ) -> Path:
     """Write a random official-format checkpoint of `arch` to `out_dir`; returns `out_dir/model.ckpt`.
 
-    The EMA shadows hold the calibrated weights; the raw variables hold the
-    same plus noise, so the two give clearly different logits. `ema_only`
-    writes only the shadows (like the released L2 checkpoints), `raw_only`
-    only the raw variables. `optimizer_slots` adds `<var>/RMSProp{,_1}` for
-    every trainable variable.
+    `ema_only` writes only the `ExponentialMovingAverage` shadows (like the
+    released L2 checkpoints), `raw_only` only the raw variables;
+    `optimizer_slots` adds `<var>/RMSProp` and `<var>/RMSProp_1` for every
+    trainable variable. `calibrate=False` skips the forward passes (fast, but
+    activations are then not normalised); `calibration_size` defaults to the
+    arch's resolution capped at 320 px.
     """
     import tensorflow as tf
 
@@ -101,15 +110,15 @@ def write_synthetic_checkpoint(
     say = progress or (lambda _msg: None)
     spec = get_arch(arch)
     size = calibration_size or min(spec.resolution, MAX_CALIBRATION_SIZE)
+    x = _normal([CALIBRATION_BATCH, size, size, 3], seed, "calibration", "input") if calibrate else None
 
     net = _make_network(spec.name, num_classes, bn_name, prefix, seed, say)
-    x = _normal([CALIBRATION_BATCH, size, size, 3], seed, "calibration", "input") if calibrate else None
-    if calibrate:
-        say(f"calibrating {spec.name} on {CALIBRATION_BATCH}x{size}x{size}")
+    say(f"drawing the EMA weights of {spec.name}" + (f", calibrating at {size} px" if calibrate else ""))
     ema = net.build(net.initial, x, fit_logits=True)
-    # Raw = EMA plus noise on the trainable weights, with BN statistics calibrated
-    # for those weights again: a self-consistent network, not a broken one.
-    raw = None if ema_only else net.build(lambda name: _perturbed(name, ema[name], seed), x)
+    raw = None
+    if not ema_only:
+        say("drawing the raw weights" + (", calibrating again" if calibrate else ""))
+        raw = net.build(lambda name: _perturbed(name, ema[name], seed), x)
 
     out: dict[str, Any] = {}
     for name in net.shapes:
@@ -120,7 +129,7 @@ def write_synthetic_checkpoint(
         if optimizer_slots and not name.endswith(MOVING_STATS):
             out.update(_rmsprop_slots(name, ema[name], seed))
     out["global_step"] = tf.constant(global_step, tf.int64)
-    del ema, raw, net
+    del ema, raw
     say(f"writing {len(out)} tensors to {out_dir}")
     return write_checkpoint(out, out_dir)
 
@@ -136,12 +145,6 @@ def _normal(shape, seed: int, name: str, purpose: str):
     return tf.random.stateless_normal(shape, seed=_stream(seed, name, purpose))
 
 
-def _rms(value):
-    import tensorflow as tf
-
-    return tf.sqrt(tf.reduce_mean(tf.square(value)))
-
-
 def _perturbed(name: str, ema, seed: int):
     import tensorflow as tf
 
@@ -151,29 +154,28 @@ def _perturbed(name: str, ema, seed: int):
 def _rmsprop_slots(name: str, value, seed: int) -> dict[str, Any]:
     import tensorflow as tf
 
-    scale = 1e-3 * _rms(value)
+    scale = 1e-3 * tf.sqrt(tf.reduce_mean(tf.square(value)))
     rms = tf.square(scale * (1.0 + tf.abs(_normal(value.shape, seed, name, "rms"))))
     momentum = scale * _normal(value.shape, seed, name, "momentum")
     return {f"{name}/{RMSPROP_SUFFIXES[0]}": rms, f"{name}/{RMSPROP_SUFFIXES[1]}": momentum}
 
 
-def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]):
-    """The calibrating network; a class built on first use so that TensorFlow is imported lazily."""
+def _make_network(
+    arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]
+):
+    """The calibrating network; its class is made here so that TensorFlow is imported lazily."""
     import tensorflow as tf
 
     from effconv.models.tf_reference import ReferenceForward, block_names, official_variable_shapes
 
     class CalibratingNetwork(ReferenceForward):
-        """The reference forward whose variables are drawn on first use and whose BNs calibrate."""
+        """The reference forward with variables drawn on first use and BN statistics measured."""
 
         def __init__(self) -> None:
             super().__init__(arch, num_classes, bn_name, prefix)
             self.shapes = official_variable_shapes(arch, num_classes, bn_name, self.prefix)
-            self.num_blocks = len(blocks(arch))
             self.residual_gammas = {
-                f"{self.prefix}/{block_names(b, bn_name).project_bn}/gamma"
-                for b in blocks(arch)
-                if b.has_residual
+                f"{self.prefix}/{block_names(b, bn_name).project_bn}/gamma" for b in blocks(arch) if b.has_residual
             }
             self.values: dict[str, tf.Tensor] = {}
             self.draw: Callable[[str], tf.Tensor] = self.initial
@@ -182,7 +184,7 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
         def build(
             self, draw: Callable[[str], tf.Tensor], x: tf.Tensor | None, fit_logits: bool = False
         ) -> dict[str, tf.Tensor]:
-            """Every variable, drawn by `draw` except the BN statistics, which are measured on `x`."""
+            """Every variable, from `draw` except the BN statistics, which are measured on `x`."""
             self.values, self.draw = {}, draw
             if x is not None:
                 self.calibrating, self.fit_logits = True, fit_logits
@@ -208,29 +210,28 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
                 return scale * tf.abs(1.0 + 0.2 * n)
             if leaf == "beta":
                 return 0.2 * n
-            if leaf == "moving_mean":  # only reached without calibration
+            if leaf == "moving_mean":  # only without calibration
                 return 0.1 * n
             if leaf == "moving_variance":
                 return tf.exp(0.2 * n)
             if leaf == "bias":
                 return 0.1 * n
-            if len(shape) == 2:  # head/dense; calibration rescales it to the target logits std
-                return n / (shape[0] ** 0.5)
+            if len(shape) == 2:  # head/dense; calibration rescales it to LOGITS_STD
+                return n / shape[0] ** 0.5
             fan_in = shape[0] * shape[1] * (1 if leaf == "depthwise_kernel" else shape[2])
             if "/se/" in name:
-                return n / (fan_in**0.5)
-            # Conv feeding a BN: He init, and a few output channels scaled down.
-            tiny = tf.random.stateless_uniform(shape[2:], seed=_stream(seed, name, "tiny"))
-            column = tf.where(tiny < TINY_CHANNEL_FRACTION, TINY_CHANNEL_SCALE, 1.0)
+                return n / fan_in**0.5
+            # A conv feeding a BN: He init, with a few output channels made tiny.
+            u = tf.random.stateless_uniform(shape[2:], seed=_stream(seed, name, "tiny"))
+            column = tf.where(u < TINY_CHANNEL_FRACTION, TINY_CHANNEL_SCALE, 1.0)
             return n * (2.0 / fan_in) ** 0.5 * column
 
         def batch_norm(self, x: tf.Tensor, scope: str) -> tf.Tensor:
             if self.calibrating:
                 base = f"{self.prefix}/{scope}"
                 mean, var = tf.nn.moments(x, axes=[0, 1, 2])
-                self.values[f"{base}/moving_mean"] = mean + STAT_NOISE * tf.sqrt(var) * _normal(
-                    mean.shape, seed, base, "mean"
-                )
+                noise = STAT_NOISE * _normal(mean.shape, seed, base, "mean")
+                self.values[f"{base}/moving_mean"] = mean + tf.sqrt(var) * noise
                 self.values[f"{base}/moving_variance"] = var * tf.exp(
                     STAT_NOISE * _normal(var.shape, seed, base, "var")
                 )
@@ -246,7 +247,7 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
 
         def block(self, x: tf.Tensor, b) -> tf.Tensor:
             if self.calibrating:
-                say(f"block {b.index + 1}/{self.num_blocks}")
+                say(f"block {b.index + 1}/{len(blocks(arch))}")
             return super().block(x, b)
 
     return CalibratingNetwork()
