@@ -129,7 +129,6 @@ def write_synthetic_checkpoint(
         if optimizer_slots and not name.endswith(MOVING_STATS):
             out.update(_rmsprop_slots(name, ema[name], seed))
     out["global_step"] = tf.constant(global_step, tf.int64)
-    del ema, raw
     say(f"writing {len(out)} tensors to {out_dir}")
     return write_checkpoint(out, out_dir)
 
@@ -160,9 +159,7 @@ def _rmsprop_slots(name: str, value, seed: int) -> dict[str, Any]:
     return {f"{name}/{RMSPROP_SUFFIXES[0]}": rms, f"{name}/{RMSPROP_SUFFIXES[1]}": momentum}
 
 
-def _make_network(
-    arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]
-):
+def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None, seed: int, say: Callable[[str], None]):
     """The calibrating network; its class is made here so that TensorFlow is imported lazily."""
     import tensorflow as tf
 
@@ -246,8 +243,8 @@ def _make_network(
             return logits
 
         def block(self, x: tf.Tensor, b) -> tf.Tensor:
-            if self.calibrating:
-                say(f"block {b.index + 1}/{len(blocks(arch))}")
+            if self.calibrating and (b.index == 0 or blocks(arch)[b.index - 1].stage != b.stage):
+                say(f"  stage {b.stage + 1} (from block {b.index} of {len(blocks(arch))})")
             return super().block(x, b)
 
     return CalibratingNetwork()

@@ -152,9 +152,7 @@ class ReferenceForward:
 
     def batch_norm(self, x: tf.Tensor, scope: str) -> tf.Tensor:
         gamma, beta, mean, var = (self._var(scope, v) for v in BN_VARIABLES)
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean, var, epsilon=BN_EPS, is_training=False
-        )
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean, var, epsilon=BN_EPS, is_training=False)
         return y
 
     def biased_conv(self, x: tf.Tensor, scope: str) -> tf.Tensor:
