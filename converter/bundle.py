@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ _BUNDLE_VERSION = 1  # the bundle format version this reader implements
 _MAX_SHARDS = 100_000  # shard numbers are written with five digits
 _MAX_VARINT_BYTES = 10
 _UINT64 = 1 << 64
+_MAX_RANK = 32  # numpy 1.x refuses more dimensions (numpy 2: 64); TF allows 254
+_MAX_ARRAY_BYTES = np.iinfo(np.intp).max  # numpy refuses shapes whose byte size overflows, even empty ones
+# Prefix-compressed keys cost time and memory by their full length. TF restarts the
+# compression every 16 keys, which bounds honest keys at 16x the index's bytes.
+_KEY_BYTES_PER_INDEX_BYTE = 32
 
 # TF DataType enum -> (name, dtype); a None dtype means read() refuses it.
 _DTYPES: dict[int, tuple[str, np.dtype | None]] = {
@@ -264,7 +270,11 @@ def _read_block(f: BinaryIO, file_size: int, handle: bytes) -> bytes:
 
 
 def _block_items(block: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) pairs of a block: prefix-compressed keys, restart array at the end."""
+    """(key, value) pairs of a block: prefix-compressed keys, restart array at the end.
+
+    Keys are rebuilt in full, so their total length can exceed the block's; the
+    caller bounds it.
+    """
     if len(block) < 4:
         raise _FormatError("block shorter than its restart count")
     (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
@@ -294,8 +304,20 @@ def _table_items(f: BinaryIO, file_size: int) -> Iterator[tuple[bytes, bytes]]:
     _, pos = _varint(footer, 0, 40)  # metaindex handle: no filters in a bundle index
     _, pos = _varint(footer, pos, 40)
     index_handle = footer[pos:40]
+    # Data blocks must follow each other in the file, as a table writer lays them out: an
+    # index that points at one block many times would otherwise make us read it many times.
+    next_offset, key_bytes = 0, 0
     for _, data_handle in _block_items(_read_block(f, file_size, index_handle)):
-        yield from _block_items(_read_block(f, file_size, data_handle))
+        offset, pos = _varint(data_handle, 0, len(data_handle))
+        if offset < next_offset:
+            raise _FormatError(f"data block at {offset} overlaps the block before it")
+        size, _ = _varint(data_handle, pos, len(data_handle))
+        next_offset = offset + size + _TRAILER_SIZE
+        for key, value in _block_items(_read_block(f, file_size, data_handle)):
+            key_bytes += len(key)
+            if key_bytes > _KEY_BYTES_PER_INDEX_BYTE * file_size:
+                raise _FormatError("tensor names add up to far more bytes than the index holds")
+            yield key, value
 
 
 def _is_slice_key(key: bytes) -> bool:
@@ -368,11 +390,15 @@ def _tensor_info(name: str, entry: _Entry) -> TensorInfo:
         raise _FormatError(f"tensor {name!r} has a negative dimension in shape {entry.shape}")
     if entry.offset < 0 or entry.size < 0:
         raise _FormatError(f"tensor {name!r} has a negative offset or size")
+    if math.prod(d for d in entry.shape if d) * (dtype.itemsize if dtype else 1) > _MAX_ARRAY_BYTES:
+        raise _FormatError(f"tensor {name!r} has an impossibly large shape {entry.shape}")
     unsupported = None
     if entry.sliced:
         unsupported = "partitioned (sliced) tensor"
     elif dtype is None:
         unsupported = f"dtype {dtype_name}"
+    elif len(entry.shape) > _MAX_RANK:
+        unsupported = f"rank {len(entry.shape)} (numpy arrays have at most {_MAX_RANK} dimensions here)"
     elif entry.size != math.prod(entry.shape) * dtype.itemsize:
         raise _FormatError(f"tensor {name!r} of shape {entry.shape} and dtype {dtype_name} has {entry.size} bytes")
     return TensorInfo(
@@ -401,6 +427,8 @@ class TensorBundleReader:
         self.prefix = Path(prefix)
         self.index_path = Path(f"{os.fspath(prefix)}.index")
         try:
+            if not stat.S_ISREG(os.stat(self.index_path).st_mode):  # a FIFO would block open() for ever
+                raise CheckpointError(f"checkpoint index {self.index_path} is not a regular file")
             with open(self.index_path, "rb") as f:
                 header, entries, slices = _parse_index(f, os.fstat(f.fileno()).st_size)
                 self._infos = {name: _tensor_info(name, entry) for name, entry in entries.items()}
@@ -438,11 +466,14 @@ class TensorBundleReader:
     @staticmethod
     def _shard_size(path: Path) -> int:
         try:
-            return path.stat().st_size
+            status = path.stat()
         except FileNotFoundError:
             raise CheckpointError(f"missing data shard {path}") from None
         except OSError as e:
             raise CheckpointError(f"cannot read data shard {path}: {e.strerror}") from None
+        if not stat.S_ISREG(status.st_mode):
+            raise CheckpointError(f"data shard {path} is not a regular file")
+        return status.st_size
 
     def _check_fits(self, name: str, shard: int, offset: int, size: int, shard_sizes: list[int]) -> None:
         if not 0 <= shard < self.num_shards:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections import Counter
 
@@ -14,13 +15,17 @@ import click
 
 from effconv import __version__
 from effconv.errors import EffconvError
+from effconv.mappings.layouts import LAYOUT_NAMES
 from effconv.models.spec import ARCH_NAMES
 
 VARIANT_NAMES = ("standard", "aa", "advprop", "noisystudent", "randaug")
 SRC_HELP = "checkpoint directory, prefix (.../model.ckpt), .index file, or the .tar/.tar.gz as downloaded"
+KERAS_SRC_HELP = "; or a Keras applications EfficientNet .h5 (legacy HDF5 weights or model)"
 
 
 def _fail(message: str, code: int) -> None:
+    # One line whatever the message holds (torch's load_state_dict lists each mismatch on a line).
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     click.echo(f"effconv: error: {message}", err=True)
     sys.exit(code)
 
@@ -82,8 +87,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--src", required=True, help=SRC_HELP)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="output weights X.pth; X.json is the card")
+@click.option("--src", required=True, help=SRC_HELP + KERAS_SRC_HELP)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="output weights X.pth or X.safetensors; X.json is the card",
+)
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="expected arch; detected when omitted, error if it differs")
 @click.option(
     "--weights",
@@ -100,14 +110,38 @@ def main() -> None:
     "Detected from official file names when possible, else 'standard'",
 )
 @click.option("--image-size", type=click.IntRange(16, 4096), help="input size recorded in the card (default native)")
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUT_NAMES),
+    default="native",
+    show_default=True,
+    help="state-dict names: effconv's own model, timm's tf_efficientnet_*, or mmpretrain's EfficientNet",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="weights dtype (batch-norm running statistics stay float32)",
+)
 @click.option("--force", is_flag=True, help="overwrite existing output files")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False),
+    help="where `effconv download` put catalogue checkpoints, for --src NAME (default: the cache)",
+)
 @handles_errors
-def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, quiet):
-    """Convert a checkpoint to a PyTorch state dict (X.pth) plus model card (X.json)."""
+def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, quiet, dest, layout, dtype):
+    """Convert a checkpoint to a PyTorch state dict (X.pth) plus model card (X.json).
+
+    --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
+    """
     from effconv.artifact import check_output, write_artifact
     from effconv.convert import convert_checkpoint
+    from effconv.download import resolve_source
 
+    src, variant, image_size = resolve_source(src, variant, image_size, dest)
     check_output(out, force)
     bar, update = _progress_bar("reading") if not quiet else (None, None)
     try:
@@ -118,6 +152,8 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
             allow_mixed=allow_mixed,
             variant=variant,
             image_size=image_size,
+            layout=layout,
+            dtype=dtype,
             progress=update,
         )
     finally:
@@ -133,13 +169,14 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
             f"converted efficientnet-{card['arch']} ({card['num_classes']} classes, variant {card['variant']}, "
             f"{card['weights'].upper()} weights)\n"
             f"  {card['mapped']} tensors mapped, {len(result.skipped)} skipped ({reasons or 'none'})\n"
-            f"  {card['parameters']:,} parameters in {result.seconds:.2f} s\n"
+            f"  {card['parameters']:,} parameters in {result.seconds:.2f} s "
+            f"({card['layout']} layout, {card['dtype']})\n"
             f"  wrote {weights_path} and {card_path}"
         )
 
 
 @main.command()
-@click.option("--src", required=True, help=SRC_HELP)
+@click.option("--src", required=True, help=SRC_HELP + KERAS_SRC_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @handles_errors
 def inspect(src, as_json):
@@ -278,6 +315,158 @@ def verify(
         where = ", ".join(f"{c.name} first diverges at {c.first_divergent}" for c in bad)
         click.echo(f"FAIL: {where}", err=True)
         sys.exit(1)
+
+
+# --- the model zoo: catalogue, download, predict, eval --------------------------------
+
+
+@main.command("list")
+@click.option("--arch", type=click.Choice(ARCH_NAMES), help="only this architecture")
+@click.option("--variant", type=click.Choice(VARIANT_NAMES), help="only this training variant")
+@click.option("--json", "as_json", is_flag=True, help="every field, machine-readable")
+@handles_errors
+def list_models(arch, variant, as_json):
+    """The official checkpoints effconv knows: names, sizes and published ImageNet accuracy."""
+    from effconv import catalogue
+
+    rows = catalogue.select(arch, variant)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in rows], indent=2))
+    else:
+        click.echo(catalogue.format_table(rows))
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--dest", type=click.Path(file_okay=False), help="download folder (default: the cache, $EFFCONV_CACHE/checkpoints)"
+)
+@click.option("--base-url", help="fetch from this mirror instead of the official bucket (or set $EFFCONV_BASE_URL)")
+@click.option("--extract/--no-extract", default=True, show_default=True, help="also extract the checkpoint")
+@click.option("--force", is_flag=True, help="download again even if present (e.g. after a checksum mismatch)")
+@click.option("--retries", default=3, show_default=True, type=click.IntRange(0), help="resumed retries per file")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@handles_errors
+def download(names, dest, base_url, extract, force, retries, quiet):
+    """Download catalogue checkpoints (resumable, sha256-checked) and extract them safely."""
+    from effconv import catalogue
+    from effconv.download import download as fetch
+
+    entries = [catalogue.get_entry(name) for name in names]  # every name checked before any transfer
+    for entry in entries:
+        bar, update = _progress_bar(entry.name) if not quiet else (None, None)
+        try:
+            got = fetch(entry, dest, base_url=base_url, extract=extract, force=force, progress=update, retries=retries)
+        finally:
+            if bar is not None:
+                bar.close()
+        what = "downloaded" if got.fetched else "already present, checksum ok:"
+        click.echo(f"{entry.name}: {what} {got.archive} (sha256 {got.sha256[:16]}...)")
+        if got.checkpoint_dir is not None:
+            click.echo(f"  checkpoint in {got.checkpoint_dir}")
+
+
+@main.command()
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="converted X.pth (card beside it)")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="classes to show per image")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@handles_errors
+def predict(weights, images, top_k, as_json):
+    """Classify images, preprocessed exactly as the model card says (ImageNet class names for 1000 classes)."""
+    from effconv.inference import predict as run_predict
+    from effconv.models.loading import load
+
+    results = run_predict(load(weights), list(images), top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for result in results:
+        click.echo(result["image"])
+        for rank, guess in enumerate(result["top_k"], 1):
+            click.echo(f"  {rank}. {guess['score']:7.2%}  {guess['class']} ({guess['label']})")
+
+
+@main.command("eval")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="converted X.pth (card beside it)")
+@click.option("--data", required=True, type=click.Path(file_okay=False), help="class sub-folders, or flat + --labels")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="labels of a flat folder")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(0))
+@click.option("--limit", type=click.IntRange(1), help="evaluate only the first N images")
+@click.option("--device", help="torch device (default: cuda when available)")
+@click.option("--out", type=click.Path(dir_okay=False), help="JSON result (default: <weights stem>-eval.json here)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+@handles_errors
+def eval_command(weights, data, labels_file, batch_size, workers, limit, device, out, quiet):
+    """ImageNet-style top-1/top-5 accuracy with the official preprocessing; writes a JSON result."""
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from effconv.errors import UsageError
+    from effconv.evaluation import evaluate
+    from effconv.models.loading import load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out or f"{Path(weights).stem}-eval.json")
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory does not exist: {out.parent}")
+    bar = tqdm(total=0, unit="img", desc="eval", leave=False, disable=True if quiet else None)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        result = evaluate(
+            load(weights),
+            data,
+            labels_file=labels_file,
+            batch_size=batch_size,
+            workers=workers,
+            limit=limit,
+            device=device,
+            progress=update,
+        )
+    finally:
+        bar.close()
+    try:
+        out.write_text(json.dumps({"weights": weights, **result.to_dict()}, indent=2) + "\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
+    click.echo(
+        f"top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  on {result.images} images "
+        f"({result.images_per_second:.1f} images/s on {device}); wrote {out}"
+    )
+
+
+@main.command()
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="converted X.pth (card beside it)")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="output X.onnx")
+@click.option(
+    "--input-size", type=click.IntRange(1), help="input side in pixels, fixed in the graph (default: the card's)"
+)
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="max |onnxruntime - torch| allowed")
+@click.option("--no-check", is_flag=True, help="skip the onnxruntime comparison")
+@click.option("--opset", type=click.IntRange(18), help="ONNX opset (default: the exporter's)")
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+@handles_errors
+def export(weights, onnx_path, input_size, atol, no_check, opset, force):
+    """Export a converted model to ONNX with TF 'SAME' padding fixed for one input size (batch stays free).
+
+    Checked with onnxruntime against PyTorch unless --no-check; exit code 1 if they differ beyond --atol.
+    """
+    from effconv.export import export_onnx
+
+    result = export_onnx(weights, onnx_path, input_size, force=force, check=not no_check, atol=atol, opset=opset)
+    size = result.input_size
+    click.echo(f"exported efficientnet-{result.arch} to {result.path}: input [batch, 3, {size}, {size}] -> {result.output_name}")
+    if len(result.files) > 1:
+        click.echo("  with external tensor data: " + ", ".join(str(f) for f in result.files[1:] if f != result.path))
+    if result.max_abs_diff is not None:
+        click.echo(f"  onnxruntime vs PyTorch: max |diff| {result.max_abs_diff:.3g} (tolerance {atol:g})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Official TF checkpoint -> native PyTorch state dict plus model card, without TensorFlow."""
+"""Source checkpoint -> state dict in the chosen layout and dtype, plus model card, without TensorFlow.
+
+One flow for every source and layout: a lazy reader (TF tensor bundle or Keras
+.h5), a source table mapping its names to canonical (native) names, the
+canonical state dict, then the dtype and the layout table's names.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +20,11 @@ from effconv import __version__
 from effconv.bundle import TensorBundleReader
 from effconv.detect import CheckpointLayout, detect_layout
 from effconv.ema_policy import EmaChoice, choose_weights
-from effconv.mappings import engine, transforms
+from effconv.errors import UsageError
+from effconv.keras_h5 import is_keras_source
+from effconv.keras_source import KerasLayout
+from effconv.mappings import engine, keras, official, transforms
+from effconv.mappings.layouts import CARD_SECTIONS, get_layout
 from effconv.mappings.official import EMA_SUFFIX
 from effconv.models import spec
 from effconv.models.efficientnet import model_tensor_shapes
@@ -23,6 +33,9 @@ from effconv.variants import detect_image_size, detect_variant, get_variant, pre
 
 CARD_FORMAT = "effconv-model-card/1"
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Batch-norm running statistics stay float32 in every dtype: a variance of 1e-5 is 0 in float16.
+FLOAT32_SUFFIXES = (".running_mean", ".running_var")
 
 
 @dataclass
@@ -31,7 +44,7 @@ class Conversion:
 
     state_dict: dict[str, torch.Tensor]
     card: dict
-    layout: CheckpointLayout
+    layout: CheckpointLayout | KerasLayout  # what the source holds
     choice: EmaChoice
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -42,9 +55,100 @@ class Conversion:
         return int(self.card["parameters"])
 
 
-def _resolve_variant(variant: str | None, origin: Path, warnings: list[str]) -> tuple[str, str]:
+@dataclass
+class _Source:
+    """An opened source: its reader and what the rest of the flow needs to know about it."""
+
+    reader: TensorBundleReader | object
+    files: tuple[Path, ...]  # hashed into the card
+    origin: Path
+    format: str  # "tf-checkpoint" or "keras-h5"
+
+
+@contextlib.contextmanager
+def open_source(src: str | os.PathLike) -> Iterator[_Source]:
+    """The reader for `src`: a Keras .h5 file, or a TF checkpoint (dir, prefix, .index or tarball)."""
+    path = Path(src).expanduser()
+    if path.name.endswith(".keras"):
+        raise UsageError(
+            f"{path} is a Keras 3 .keras archive; effconv reads TF checkpoints and Keras legacy .h5 "
+            "(Keras applications' efficientnetbN.h5, save_weights('x.h5') in Keras 2, model.save('x.h5'))"
+        )
+    if is_keras_source(path):
+        from effconv.keras_h5 import KerasH5Reader
+
+        with KerasH5Reader(path) as reader:
+            yield _Source(reader, (path,), path, "keras-h5")
+        return
+    with resolve_checkpoint(src) as files, TensorBundleReader(files.prefix) as reader:
+        yield _Source(reader, files.files, files.origin, "tf-checkpoint")
+
+
+@dataclass
+class _Plan:
+    """What one source format contributes: the plan, which key each row reads, the card's facts."""
+
+    layout: CheckpointLayout | KerasLayout
+    plan: tuple[engine.TensorMapping, ...]
+    choice: EmaChoice
+    table: object  # the SourceTable, for the reasons of unused variables
+    card: dict  # weights, source facts, and (Keras) the folded input normalisation
+    mean_std: tuple[list[float], list[float]] | None = None
+
+
+def _plan_official(source: _Source, shapes, arch, weights, allow_mixed) -> _Plan:
+    layout = detect_layout(shapes, arch)
+    plan = engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
+    choice = choose_weights([m.source for m in plan], shapes, weights, allow_mixed)
+    reader = source.reader
+    step = int(reader.read("global_step")) if "global_step" in shapes else None
+    facts = {"prefix": layout.prefix, "bn_scope": layout.bn, "global_step": step}
+    card = {"weights": choice.used, "weights_policy": weights, "mixed_variables": list(choice.mixed), "source": facts}
+    return _Plan(layout, plan, choice, official.TABLE, card)
+
+
+def _plan_keras(source: _Source, shapes, arch, weights) -> _Plan:
+    from effconv.keras_source import detect_keras_layout, keras_input_normalization
+
+    if weights != "auto":
+        raise UsageError(f"--weights {weights} applies to TF checkpoints; a Keras file holds one copy of each weight")
+    layout = detect_keras_layout(shapes, arch)
+    plan = engine.source_plan(keras.TABLE, layout.arch, layout.num_classes, depthwise=layout.depthwise)
+    choice = EmaChoice("as stored", {m.source: m.source for m in plan}, 0, len(plan))
+    norm = keras_input_normalization(source.reader, layout)
+    reader = source.reader
+    facts = {"saved_as": reader.saved_as, "keras_version": reader.keras_version, "backend": reader.backend}
+    facts["padding_note"] = (
+        "Keras pads stride-2 convs exactly like TF 'SAME' only when the model has a fixed input shape; "
+        "built with input_shape=None (include_top=False) it pads as if every map were even"
+    )
+    card = {"weights": "as stored", "weights_policy": weights, "mixed_variables": [], "source": facts}
+    card["input_normalization"] = norm.to_card()
+    return _Plan(layout, plan, choice, keras.TABLE, card, (norm.mean, norm.std))
+
+
+def _skip_reasons(keys: list[str], used: set[str], choice: EmaChoice, table) -> dict[str, str]:
+    unused = [k for k in keys if k not in used]
+    reasons = engine.classify_unused(unused, table)
+    for k in unused:
+        if reasons[k] != "unknown variable":
+            continue
+        base = k.removesuffix(EMA_SUFFIX)
+        if base in choice.source_of:
+            reasons[k] = "EMA copy (raw weights used)" if k.endswith(EMA_SUFFIX) else "raw copy (EMA weights used)"
+    return reasons
+
+
+def _resolve_variant(variant: str | None, origin: Path, warnings: list[str], keras_norm) -> tuple[str, str]:
     if variant is not None:
         return get_variant(variant).name, "given"
+    if keras_norm is not None:
+        folded = [*keras_norm[0], *keras_norm[1]]
+        for name in ("standard", "advprop"):
+            v = get_variant(name)
+            if all(abs(a - b) <= 1e-3 for a, b in zip(folded, [*v.mean, *v.std], strict=True)):
+                return name, "the Keras graph's input normalisation"
+        return "standard", "label only: the Keras graph's own normalisation is in preprocessing"
     found = detect_variant(origin.resolve())
     if found:
         return found, "detected from the source path"
@@ -56,16 +160,14 @@ def _resolve_variant(variant: str | None, origin: Path, warnings: list[str]) -> 
     return "standard", "default"
 
 
-def _skip_reasons(keys: list[str], used: set[str], choice: EmaChoice) -> dict[str, str]:
-    unused = [k for k in keys if k not in used]
-    reasons = engine.classify_unused(unused)
-    for k in unused:
-        if reasons[k] != "unknown variable":
-            continue
-        base = k.removesuffix(EMA_SUFFIX)
-        if base in choice.source_of:
-            reasons[k] = "EMA copy (raw weights used)" if k.endswith(EMA_SUFFIX) else "raw copy (EMA weights used)"
-    return reasons
+def cast_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """Floating tensors in `dtype`, except the BN running statistics (float32) and counters."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    target = DTYPES[dtype]
+    return {
+        k: v.to(target) if v.is_floating_point() and not k.endswith(FLOAT32_SUFFIXES) else v for k, v in state.items()
+    }
 
 
 def convert_checkpoint(
@@ -76,27 +178,39 @@ def convert_checkpoint(
     allow_mixed: bool = False,
     variant: str | None = None,
     image_size: int | None = None,
+    layout: str = "native",
+    dtype: str = "float32",
     progress: ProgressFn | None = None,
 ) -> Conversion:
-    """Read the checkpoint at `src` (dir, prefix, .index or tarball) into a native state dict."""
+    """Read the checkpoint at `src` (TF dir, prefix, .index, tarball, or Keras .h5) into a state dict.
+
+    The state dict has `layout`'s names (native: effconv's own model) and `dtype`.
+    """
     from effconv.hashing import hash_in_background
 
     start = time.perf_counter()
     warnings: list[str] = []
-    with resolve_checkpoint(src) as files, TensorBundleReader(files.prefix) as reader:
-        hashes = hash_in_background(files.files)
+    table = get_layout(layout)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    with open_source(src) as source:
+        reader = source.reader
+        hashes = hash_in_background(source.files)
         keys = reader.keys()
         shapes = {k: reader.info(k).shape for k in keys}
-        layout = detect_layout(shapes, arch)
-        plan = engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
-        choice = choose_weights([m.source for m in plan], shapes, weights, allow_mixed)
-        target_shapes, n_params = model_tensor_shapes(layout.arch, layout.num_classes)
+        if source.format == "keras-h5":
+            planned = _plan_keras(source, shapes, arch, weights)
+        else:
+            planned = _plan_official(source, shapes, arch, weights, allow_mixed)
+        found, plan, choice = planned.layout, planned.plan, planned.choice
+        target_shapes, n_params = model_tensor_shapes(found.arch, found.num_classes)
         counters = {k for k in target_shapes if k.endswith("num_batches_tracked")}
         engine.check_plan(
             plan,
             {m.source: shapes[choice.source_of[m.source]] for m in plan if choice.source_of[m.source] in shapes},
             {k: v for k, v in target_shapes.items() if k not in counters},
         )
+        names = engine.layout_names(table, found.arch, found.num_classes)
         # Read in file order: one sequential pass over each shard.
         infos = {m.target: reader.info(choice.source_of[m.source]) for m in plan}
         ordered = sorted(plan, key=lambda m: (infos[m.target].shard, infos[m.target].offset))
@@ -104,48 +218,51 @@ def convert_checkpoint(
         done = 0
         state: dict[str, torch.Tensor] = {}
         for m in ordered:
-            key = choice.source_of[m.source]
-            array = reader.read(key)
+            array = reader.read(choice.source_of[m.source])
             state[m.target] = torch.from_numpy(transforms.apply(m.transform, array))
             done += array.nbytes
             if progress:
                 progress(done, total)
         for k in counters:
             state[k] = torch.zeros((), dtype=torch.long)
-        state = {k: state[k] for k in target_shapes}  # the model's own order
-        global_step = int(reader.read("global_step")) if "global_step" in shapes else None
-        used = {choice.source_of[m.source] for m in plan}
-        skipped = _skip_reasons(keys, used, choice)
-        var_name, var_source = _resolve_variant(variant, files.origin, warnings)
-        size = image_size or detect_image_size(layout.arch, files.origin)
+        state = engine.rename(cast_state({k: state[k] for k in target_shapes}, dtype), names)
+        skipped = _skip_reasons(keys, {choice.source_of[m.source] for m in plan}, choice, planned.table)
+        var_name, var_source = _resolve_variant(variant, source.origin, warnings, planned.mean_std)
+        size = image_size or detect_image_size(found.arch, source.origin)
+        pre = preprocessing(var_name, size)
+        if planned.mean_std is not None:
+            pre |= {"mean": planned.mean_std[0], "std": planned.mean_std[1], "normalization": "the Keras graph's"}
         card = {
             "format": CARD_FORMAT,
             "effconv_version": __version__,
-            "arch": layout.arch,
+            "arch": found.arch,
             "variant": var_name,
             "variant_source": var_source,
-            "num_classes": layout.num_classes,
+            "num_classes": found.num_classes,
             "image_size": size,
-            "preprocessing": preprocessing(var_name, size),
-            "weights": choice.used,
-            "weights_policy": weights,
-            "mixed_variables": list(choice.mixed),
-            "layout": "native",
-            "dtype": "float32",
+            "preprocessing": pre,
+            "weights": planned.card["weights"],
+            "weights_policy": planned.card["weights_policy"],
+            "mixed_variables": planned.card["mixed_variables"],
+            "layout": table.name,
+            "dtype": dtype,
             "bn_eps": spec.BN_EPS,
             "padding": "tf-same",
             "parameters": n_params,
             "source": {
-                "path": str(files.origin),
-                "prefix": layout.prefix,
-                "bn_scope": layout.bn,
-                "global_step": global_step,
+                "path": str(source.origin),
+                "format": source.format,
+                **planned.card["source"],
                 "variables": len(keys),
                 "sha256": hashes.result(),
             },
             "mapped": len(plan),
             "skipped": skipped,
         }
+        if "input_normalization" in planned.card:
+            card["input_normalization"] = planned.card["input_normalization"]
+        if table.name in CARD_SECTIONS:
+            card[table.name] = CARD_SECTIONS[table.name](card)
     if choice.used == "mixed":
         warnings.append(f"{len(choice.mixed)} variables use the other copy than asked (--allow-mixed)")
-    return Conversion(state, card, layout, choice, skipped, warnings, time.perf_counter() - start)
+    return Conversion(state, card, found, choice, skipped, warnings, time.perf_counter() - start)

@@ -21,6 +21,7 @@ CROP_FRACTION = 0.875  # the newer TPU-repo rule keeps this fraction at every si
 # TF1's legacy bicubic: Keys' cubic with a = -0.75, weights looked up in a table of 1024 steps per pixel.
 _CUBIC_A = -0.75
 _TABLE_SIZE = 1024
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def modern_crop_padding(image_size: int) -> int:
@@ -121,17 +122,49 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
 def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> np.ndarray:
     """HxWx3 uint8 RGB from a JPEG/PNG file or its bytes; greyscale, alpha and palette images become RGB.
 
-    EXIF orientation is ignored, as TensorFlow's decoders ignore it. PNG pixels equal TensorFlow's; JPEG pixels
-    equal `tf.io.decode_jpeg(dct_method="INTEGER_ACCURATE")`, whereas TensorFlow's default (the official
-    pipeline's) uses the fast integer IDCT and differs by a few levels in most pixels.
+    Pixels equal TensorFlow's default decoders (the official pipeline's), EXIF orientation ignored as there.
+    JPEG goes through libjpeg-turbo (simplejpeg) with the fast integer IDCT and smooth chroma upsampling, TF's
+    defaults; PIL would use the accurate IDCT and differ by a few levels in most pixels. Everything else is
+    decoded by PIL.
     """
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    label = "image bytes" if is_bytes else os.fspath(path_or_bytes)
+    if is_bytes:
+        data = bytes(path_or_bytes)
+    else:
+        try:
+            with open(path_or_bytes, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read image {label}: {e.strerror or e}") from None
+    if data[:3] == _JPEG_MAGIC:
+        pixels = _decode_jpeg_like_tf(data)
+        if pixels is not None:
+            return pixels
+    return _decode_with_pil(data, label)
+
+
+def _decode_jpeg_like_tf(data: bytes) -> np.ndarray | None:
+    """TF's default JPEG decoding, or None when libjpeg-turbo refuses the file (PIL then tries)."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        if colorspace in ("CMYK", "YCCK"):
+            # TF decodes to (inverted, Adobe-style) CMYK and takes floor(c * k / 255) per channel.
+            cmyk = simplejpeg.decode_jpeg(data, colorspace="CMYK", fastdct=True, fastupsample=False)
+            cmyk = cmyk.astype(np.uint16)
+            return (cmyk[:, :, :3] * cmyk[:, :, 3:] // 255).astype(np.uint8)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    except ValueError:  # truncated or corrupt data, an unsupported variant: PIL decides
+        return None
+
+
+def _decode_with_pil(data: bytes, label: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-    source = io.BytesIO(bytes(path_or_bytes)) if is_bytes else path_or_bytes
-    label = "image bytes" if is_bytes else os.fspath(path_or_bytes)
     try:
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

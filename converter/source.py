@@ -23,11 +23,12 @@ from pathlib import Path, PurePosixPath
 
 from .errors import CheckpointError
 
-__all__ = ["MAX_EXTRACT_BYTES", "CheckpointFiles", "resolve_checkpoint"]
+__all__ = ["MAX_EXTRACT_BYTES", "CheckpointFiles", "extract_checkpoint", "resolve_checkpoint"]
 
 MAX_EXTRACT_BYTES = 16 * 2**30  # the largest official checkpoint (L2, EMA only) is about 2 GB
 _STATE_FILE = "checkpoint"
 _STATE_FILE_MAX_BYTES = 1 << 20
+_MAX_TAR_MEMBERS = 100_000  # official tarballs hold a handful of files
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _DATA_RE = re.compile(r"(?P<stem>.+)\.data-(?P<shard>\d{5})-of-(?P<total>\d{5})")
 _MODEL_PATH_RE = re.compile(r'^\s*model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', re.MULTILINE)
@@ -50,18 +51,31 @@ class CheckpointFiles:
 
 
 @contextlib.contextmanager
-def resolve_checkpoint(
-    src: str | os.PathLike, *, max_extract_bytes: int = MAX_EXTRACT_BYTES
-) -> Iterator[CheckpointFiles]:
-    """Yield the checkpoint `src` designates; a tarball is extracted for the context's duration."""
+def resolve_checkpoint(src: str | os.PathLike, *, max_extract_bytes: int | None = None) -> Iterator[CheckpointFiles]:
+    """Yield the checkpoint `src` designates; a tarball is extracted for the context's duration.
+
+    `max_extract_bytes` caps what a tarball may extract to (default `MAX_EXTRACT_BYTES`).
+    """
     origin = Path(src).expanduser()
     if _is_tarball(origin):
         with tempfile.TemporaryDirectory(prefix="effconv-") as tmp:
-            prefix = _extract_checkpoint(origin, Path(tmp), max_extract_bytes)
+            limit = MAX_EXTRACT_BYTES if max_extract_bytes is None else max_extract_bytes
+            prefix = _extract_checkpoint(origin, Path(tmp), limit)
             yield CheckpointFiles(prefix, _checkpoint_files(prefix), origin)
         return
     prefix = _find_prefix(origin)
     yield CheckpointFiles(prefix, _checkpoint_files(prefix), origin)
+
+
+def extract_checkpoint(
+    tar_path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_EXTRACT_BYTES
+) -> Path:
+    """Extract the one checkpoint in a tarball into the existing directory `dest`; returns its prefix there.
+
+    Only the checkpoint's index and data shards are written, flat, each to a new file: no member may be a link,
+    leave the archive's tree, or push the total past `max_bytes`.
+    """
+    return _extract_checkpoint(Path(tar_path), Path(dest), max_bytes)
 
 
 # --- local files -----------------------------------------------------------------
@@ -184,15 +198,37 @@ def _extract_checkpoint(tar_path: Path, dest: Path, max_bytes: int) -> Path:
     """Extract the one checkpoint inside `tar_path` into `dest`; returns its prefix there."""
     try:
         with tarfile.open(tar_path, mode="r:*") as tar:
-            members = tar.getmembers()
+            members = _list_members(tar, tar_path)
             prefix = _choose_tar_prefix(tar, members, tar_path)
             chosen = _tar_checkpoint_members(members, prefix, tar_path)
             _check_safe(chosen, tar_path, max_bytes)
             for member in chosen:
                 _extract_regular(tar, member, dest / PurePosixPath(member.name).name, tar_path)
     except _TAR_ERRORS as e:
-        raise CheckpointError(f"cannot extract a checkpoint from {tar_path}: {e}") from None
+        raise CheckpointError(f"cannot extract a checkpoint from {tar_path}: {_one_line(e)}") from None
     return dest / prefix.name
+
+
+def _list_members(tar: tarfile.TarFile, tar_path: Path) -> list[tarfile.TarInfo]:
+    """Every member, refusing more than any checkpoint tarball holds.
+
+    Empty headers compress a thousandfold: a small tarball could otherwise become millions of TarInfo objects.
+    """
+    members = []
+    for member in tar:
+        members.append(member)
+        if len(members) > _MAX_TAR_MEMBERS:
+            raise CheckpointError(f"{tar_path} holds more than {_MAX_TAR_MEMBERS} members; not a checkpoint tarball")
+    return members
+
+
+def _one_line(error: BaseException) -> str:
+    """tarfile lists the reason of each compression it tried on a line of its own: keep the CLI's one line."""
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    if not lines:
+        return type(error).__name__
+    head, *reasons = lines
+    return f"{head.rstrip(':')} ({'; '.join(reasons)})" if reasons else head
 
 
 def _choose_tar_prefix(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_path: Path) -> PurePosixPath:

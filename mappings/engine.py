@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from effconv.errors import MappingError
 from effconv.mappings import official, transforms
+from effconv.mappings.tables import LayoutTable, Rule, SourceTable
 from effconv.models import spec
 
 
@@ -19,41 +20,127 @@ from effconv.models import spec
 class TensorMapping:
     """One target tensor: where it comes from and how its layout changes."""
 
-    source: str  # base (non-EMA) official name
+    source: str  # base (non-EMA) source name
     target: str
     transform: str
 
 
-def _expand_rules(rules: Sequence[official.Rule], scope: str, target: str, bn: str) -> list[TensorMapping]:
+def layer_groups(arch: str) -> tuple[int, ...]:
+    """For each stage, its layer: every stride-1 stage after the first joins the stage before it.
+
+    Layer 0 is the stem, so the first stage is layer 1 (as mmpretrain numbers them).
+    """
+    layers: list[int] = []
+    for block in spec.blocks(arch):
+        if block.stage == len(layers):  # the stage's first block carries the stage's stride
+            joins = block.stage > 0 and block.stride == 1
+            layers.append(layers[-1] if joins else (layers[-1] + 1 if layers else 1))
+    return tuple(layers)
+
+
+def block_fields(arch: str) -> list[dict[str, int | str]]:
+    """The fields a block scope may name, for every block of `arch` in flat order."""
+    layers = layer_groups(arch)
+    fields: list[dict[str, int | str]] = []
+    pos_in_stage: dict[int, int] = {}
+    pos_in_layer: dict[int, int] = {}
+    for block in spec.blocks(arch):
+        pos = pos_in_stage[block.stage] = pos_in_stage.get(block.stage, -1) + 1
+        layer = layers[block.stage]
+        layer_pos = pos_in_layer[layer] = pos_in_layer.get(layer, -1) + 1
+        fields.append(
+            {
+                "index": block.index,
+                "stage": block.stage,
+                "stage_number": block.stage + 1,
+                "pos": pos,
+                "letter": chr(ord("a") + pos),
+                "layer": layer,
+                "layer_pos": layer_pos,
+            }
+        )
+    return fields
+
+
+def global_fields(arch: str) -> dict[str, int]:
+    """The fields stem and head rows may name."""
+    return {"head_layer": max(layer_groups(arch)) + 1}
+
+
+def _expand_rules(table: SourceTable, rules: Sequence[Rule], scope: str, target: str, names) -> list[TensorMapping]:
     out = []
     for rule in rules:
-        src = f"{scope}{rule.source.format(bn=bn)}"
+        src = f"{scope}{rule.source.format(**names)}"
         dst = f"{target}{rule.target}"
         if rule.transform == "bn":
-            out.extend(TensorMapping(f"{src}/{tf}", f"{dst}.{pt}", "copy") for tf, pt in official.BN_FIELDS)
+            out.extend(
+                TensorMapping(f"{src}{table.separator}{field}", f"{dst}.{pt}", "copy") for field, pt in table.bn_fields
+            )
         else:
             out.append(TensorMapping(src, dst, rule.transform))
     return out
+
+
+def source_plan(
+    table: SourceTable, arch: str, num_classes: int, root: str = "", **names: str
+) -> tuple[TensorMapping, ...]:
+    """Every tensor of the native model of `arch`, with its name in `table`'s source format.
+
+    `root` prefixes every source name; `names` fill the rows' own fields (e.g. `bn`).
+    """
+    plan = _expand_rules(table, table.stem, root, "", names)
+    for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
+        rules = table.expand_block if block.has_expand else table.plain_block
+        scope = root + table.block_scope.format(**fields)
+        target = official.BLOCK_TARGET.format(index=block.index) + "."
+        plan += _expand_rules(table, rules, scope, target, names)
+    plan += _expand_rules(table, table.head, root, "", names)
+    if num_classes:
+        plan += _expand_rules(table, table.classifier, root, "", names)
+    for what, values in (("target", [m.target for m in plan]), ("source", [m.source for m in plan])):
+        if len(set(values)) != len(values):
+            raise AssertionError(f"{table.name} mapping table uses a {what} twice")
+    return tuple(plan)
 
 
 def official_plan(
     arch: str, num_classes: int, prefix: str, bn: str = "tpu_batch_normalization"
 ) -> tuple[TensorMapping, ...]:
     """Every tensor of the native model of `arch`, with its official source name."""
-    root = f"{prefix}/" if prefix else ""
-    plan = _expand_rules(official.STEM, root, "", bn)
-    for block in spec.blocks(arch):
-        rules = official.EXPAND_BLOCK if block.has_expand else official.PLAIN_BLOCK
-        scope = root + official.BLOCK_SCOPE.format(index=block.index) + "/"
-        target = official.BLOCK_TARGET.format(index=block.index) + "."
-        plan += _expand_rules(rules, scope, target, bn)
-    plan += _expand_rules(official.HEAD, root, "", bn)
-    if num_classes:
-        plan += _expand_rules(official.CLASSIFIER, root, "", bn)
-    targets = [m.target for m in plan]
-    if len(set(targets)) != len(targets):
-        raise AssertionError("mapping tables fill a target twice")
-    return tuple(plan)
+    return source_plan(official.TABLE, arch, num_classes, f"{prefix}/" if prefix else "", bn=bn)
+
+
+def layout_names(table: LayoutTable, arch: str, num_classes: int) -> dict[str, str]:
+    """Canonical tensor name -> `table`'s name, for every tensor of the native model (in its order).
+
+    Fails unless every canonical tensor is renamed exactly once and no two land on one name.
+    """
+    from effconv.models.efficientnet import model_tensor_shapes
+
+    modules: dict[str, str] = {}
+    tops = global_fields(arch)
+    for canonical, renamed in (*table.stem, *table.head, *table.classifier):
+        modules[canonical] = renamed.format(**tops)
+    for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
+        rows = table.expand_block if block.has_expand else table.plain_block
+        source_scope = official.BLOCK_TARGET.format(index=block.index) + "."
+        target_scope = table.block_scope.format(**fields)
+        for canonical, renamed in rows:
+            modules[source_scope + canonical] = target_scope + renamed
+    names: dict[str, str] = {}
+    for tensor in model_tensor_shapes(arch, num_classes)[0]:
+        module, _, leaf = tensor.rpartition(".")
+        if module not in modules:
+            raise MappingError(f"the {table.name} layout table has no row for {module!r} ({tensor})")
+        names[tensor] = f"{modules[module]}.{leaf}"
+    if len(set(names.values())) != len(names):
+        raise MappingError(f"the {table.name} layout table gives two tensors one name")
+    return names
+
+
+def rename(state: Mapping[str, object], names: Mapping[str, str]) -> dict:
+    """`state` under the names of a layout (see `layout_names`), in the same order."""
+    return {names[k]: v for k, v in state.items()}
 
 
 def check_plan(
@@ -87,16 +174,15 @@ def check_plan(
             )
 
 
-def classify_unused(names: Sequence[str]) -> dict[str, str]:
+def classify_unused(names: Sequence[str], table: SourceTable = official.TABLE) -> dict[str, str]:
     """A reason for each source variable no mapping used."""
+    exact = dict(table.known_names)
     reasons = {}
     for name in names:
-        if name in official.KNOWN_GLOBALS:
-            reasons[name] = "training counter"
-        elif any(name.endswith(suffix) for suffix, _ in official.KNOWN_EXTRAS):
-            reasons[name] = next(r for s, r in official.KNOWN_EXTRAS if name.endswith(s))
+        if name in exact:
+            reasons[name] = exact[name]
         else:
-            reasons[name] = "unknown variable"
+            reasons[name] = next((r for s, r in table.known_suffixes if name.endswith(s)), "unknown variable")
     return reasons
 
 

@@ -8,14 +8,7 @@ row with transform "bn" expands to the four batch-norm variables. The engine in
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-
-class Rule(NamedTuple):
-    source: str
-    target: str
-    transform: str
-
+from effconv.mappings.tables import Rule, SourceTable
 
 # TF batch-norm variable -> PyTorch batch-norm tensor.
 BN_FIELDS: tuple[tuple[str, str], ...] = (
@@ -80,3 +73,16 @@ KNOWN_EXTRAS: tuple[tuple[str, str], ...] = (
     ("/Adam_1", "optimizer slot"),
 )
 KNOWN_GLOBALS: tuple[str, ...] = ("global_step",)
+
+TABLE = SourceTable(
+    name="official TF checkpoint",
+    stem=STEM,
+    expand_block=EXPAND_BLOCK,
+    plain_block=PLAIN_BLOCK,
+    head=HEAD,
+    classifier=CLASSIFIER,
+    block_scope=BLOCK_SCOPE + "/",
+    bn_fields=BN_FIELDS,
+    known_names=tuple((name, "training counter") for name in KNOWN_GLOBALS),
+    known_suffixes=KNOWN_EXTRAS,
+)

@@ -46,6 +46,7 @@ class MBConv(nn.Module):
         super().__init__()
         mid = block.mid_channels
         self.has_residual = block.has_residual
+        self.has_expand = block.has_expand
         if block.has_expand:
             self.expand_conv = SameConv2d(block.in_channels, mid, 1, bias=False)
             self.expand_bn = _bn(mid)
@@ -58,7 +59,7 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x
-        if hasattr(self, "expand_conv"):
+        if self.has_expand:
             y = self.act(self.expand_bn(self.expand_conv(y)))
         y = self.act(self.dw_bn(self.dw_conv(y)))
         y = self.project_bn(self.project_conv(self.se(y)))
@@ -77,6 +78,7 @@ class EfficientNet(nn.Module):
         self.num_classes = num_classes
         block_specs = spec.blocks(self.arch)
         self.stage_ends = spec.stage_ends(self.arch)
+        self.input_size: tuple[int, int] | None = None  # see set_input_size
         self.stem = ConvBNAct(3, spec.stem_channels(self.arch), 3, 2)
         self.blocks = nn.ModuleList(MBConv(b) for b in block_specs)
         self.head = ConvBNAct(block_specs[-1].out_channels, spec.head_channels(self.arch), 1)
@@ -127,10 +129,37 @@ class EfficientNet(nn.Module):
             y = block(y)
         return self.forward_head(self.head(y))
 
+    def same_convs(self) -> list[SameConv2d]:
+        """Every 'SAME'-padded convolution, in the order the input flows through them."""
+        convs = [self.stem.conv]
+        for block in self.blocks:
+            if block.has_expand:
+                convs.append(block.expand_conv)
+            convs += [block.dw_conv, block.project_conv]
+        return [*convs, self.head.conv]
 
-def create_model(arch: str, num_classes: int = 1000) -> EfficientNet:
-    """A randomly initialised EfficientNet of `arch` (b0..b8, l2), in eval mode."""
-    return EfficientNet(arch, num_classes).eval()
+    def set_input_size(self, size: int | tuple[int, int] | None) -> EfficientNet:
+        """Work the TF 'SAME' padding out once for inputs of `size` (side, or (height, width)).
+
+        Exact like the dynamic path (which inputs of any other size still take);
+        it saves the per-call arithmetic and gives tracers and ONNX export
+        constant padding. None returns to fully dynamic padding. Returns self.
+        """
+        hw = None if size is None else ((size, size) if isinstance(size, int) else (int(size[0]), int(size[1])))
+        self.input_size = hw
+        for conv in self.same_convs():
+            conv.set_input_size(hw)
+            if hw is not None:
+                hw = conv.output_size(*hw)
+        return self
+
+
+def create_model(arch: str, num_classes: int = 1000, input_size: int | tuple[int, int] | None = None) -> EfficientNet:
+    """A randomly initialised EfficientNet of `arch` (b0..b8, l2), in eval mode.
+
+    `input_size` fixes the padding for that input size (`EfficientNet.set_input_size`); any size still works.
+    """
+    return EfficientNet(arch, num_classes).set_input_size(input_size).eval()
 
 
 def model_tensor_shapes(arch: str, num_classes: int) -> tuple[dict[str, tuple[int, ...]], int]:

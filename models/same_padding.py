@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (explicit F.pad amounts (left, right, top, bottom) or None, the convolution's own symmetric padding)
+PaddingPlan = tuple[tuple[int, int, int, int] | None, tuple[int, int]]
+
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """(before, after) padding TF's 'SAME' applies along one axis of length `size`."""
@@ -18,8 +21,15 @@ class SameConv2d(nn.Conv2d):
     """nn.Conv2d with TF 'SAME' padding.
 
     When the padding does not depend on the input size (stride 1, odd kernel) it
-    is symmetric and handed to the convolution itself; otherwise it is computed
-    from each input's height and width, so the layer is exact at every size.
+    is symmetric and handed to the convolution itself. Otherwise it is worked
+    out from each input's height and width, so the layer is exact at every size:
+    where it comes out symmetric (odd sizes at stride 2) the convolution still
+    pads by itself, and only asymmetric padding (the extra pixel bottom/right,
+    even sizes at stride 2) costs an explicit `F.pad` copy.
+
+    `set_input_size(h, w)` works the plan out once for a known input size
+    (saving the per-call arithmetic, and giving tracers and ONNX export a graph
+    with constant padding); inputs of any other size still take the dynamic path.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, **kwargs):
@@ -33,15 +43,42 @@ class SameConv2d(nn.Conv2d):
             **kwargs,
         )
         self.dynamic_padding = not static
+        self.static_size: tuple[int, int] | None = None
+        self._static_plan: PaddingPlan | None = None
 
     def pads_for(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """TF 'SAME' padding of an input of `height` x `width`, as F.pad's (left, right, top, bottom)."""
         top, bottom = same_padding(height, self.kernel_size[0], self.stride[0])
         left, right = same_padding(width, self.kernel_size[1], self.stride[1])
         return left, right, top, bottom
 
+    def padding_plan(self, height: int, width: int) -> PaddingPlan:
+        """How to apply the padding: symmetric amounts go to the convolution, the rest to F.pad."""
+        left, right, top, bottom = self.pads_for(height, width)
+        if left == right and top == bottom:
+            return None, (top, left)
+        return (left, right, top, bottom), (0, 0)
+
+    def set_input_size(self, size: tuple[int, int] | None) -> None:
+        """Fix the padding for inputs of `size` (height, width); None returns to fully dynamic."""
+        if not self.dynamic_padding or size is None:
+            self.static_size, self._static_plan = None, None
+            return
+        self.static_size = (int(size[0]), int(size[1]))
+        self._static_plan = self.padding_plan(*self.static_size)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of this layer's output for an input of `height` x `width` (TF 'SAME': ceil(n / s))."""
+        return -(-height // self.stride[0]), -(-width // self.stride[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_padding:
-            pads = self.pads_for(x.shape[-2], x.shape[-1])
-            if any(pads):
-                x = F.pad(x, pads)
-        return super().forward(x)
+        if not self.dynamic_padding:
+            return self._conv_forward(x, self.weight, self.bias)
+        size = (x.shape[-2], x.shape[-1])
+        if self._static_plan is not None and size == self.static_size:
+            pads, padding = self._static_plan
+        else:
+            pads, padding = self.padding_plan(*size)
+        if pads is not None:
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)

@@ -14,3 +14,18 @@ fi
   echo "bootstrap: installation incomplete" >&2
   exit 1
 }
+
+# A second environment, .venv-timm, for the tests that load converted files into timm and mmpretrain
+# themselves. timm needs torchvision, whose only build here pairs with torch 2.14.1, a large CUDA build
+# whose `import torch` alone costs ~650 MB: kept out of .venv so that conversion stays lean.
+if [ ! -x .venv-timm/bin/python ]; then
+  "$PYTHON" -m venv .venv-timm
+fi
+.venv-timm/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" "timm>=1.0" \
+  safetensors "mmpretrain==1.2.0" "mmengine==0.10.7" "mmcv-lite==2.2.0" numpy click google-crc32c tqdm pillow \
+  2>&1 | grep -v "is ignored" || true
+.venv-timm/bin/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+.venv-timm/bin/python -c "import effconv, timm, torchvision, safetensors, mmpretrain.models" >/dev/null 2>&1 || {
+  echo "bootstrap: .venv-timm installation incomplete" >&2
+  exit 1
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -376,3 +377,84 @@ def test_malformed_index_contents(tmp_path, items, message):
     (tmp_path / "m.data-00000-of-00001").write_bytes(A.tobytes())
     with pytest.raises(CheckpointError, match=message):
         TensorBundleReader(tmp_path / "m")
+
+
+# --- found by fuzzing (tests/test_fuzz.py) or by reading the format for cost -------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "size"),
+    [((0, 2**62), 1, 0), ((2**40, 0, 2**40), 9, 0)],
+    ids=["empty-with-huge-dim", "empty-between-huge-dims"],
+)
+def test_empty_tensor_with_impossible_shape(tmp_path, shape, dtype, size):
+    # numpy refuses such shapes even for zero elements: the reader must say so, not raise ValueError.
+    items = [
+        (b"", header_proto()),
+        (b"x", entry_proto(np.zeros(0, np.float32), 0, dtype=dtype, size=size, shape=shape)),
+    ]
+    write_index(tmp_path / "m.index", items)
+    (tmp_path / "m.data-00000-of-00001").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="impossibly large shape"):
+        TensorBundleReader(tmp_path / "m")
+
+
+def test_rank_beyond_numpy_is_listed_but_refused(tmp_path):
+    array = np.ones((1,) * 40, np.float32)
+    items = [(b"", header_proto()), (b"deep", entry_proto(array, 0)), (b"flat", entry_proto(A, 4))]
+    write_index(tmp_path / "m.index", items)
+    (tmp_path / "m.data-00000-of-00001").write_bytes(array.tobytes() + A.tobytes())
+    with TensorBundleReader(tmp_path / "m") as reader:
+        assert reader.info("deep").shape == (1,) * 40 and reader.info("deep").unsupported.startswith("rank 40")
+        with pytest.raises(CheckpointError, match="unsupported rank 40"):
+            reader.read("deep")
+        np.testing.assert_array_equal(reader.read("flat"), A)
+
+
+def raw_block(entries: list[tuple[int, bytes, bytes]], num_restarts: int = 1) -> bytes:
+    """A block from (shared, unshared key bytes, value) triples, as hostile as asked."""
+    body = b"".join(varint(shared) + varint(len(delta)) + varint(len(value)) + delta + value
+                    for shared, delta, value in entries)  # fmt: skip
+    return body + b"\0" * 4 * num_restarts + struct.pack("<I", num_restarts)
+
+
+def write_table(path: Path, data_blocks: list[bytes], handles: list[int]) -> None:
+    """An index whose index block points at `data_blocks[i]` for each i in `handles`, repeats allowed."""
+    out, where = bytearray(), []
+    for contents in [*data_blocks]:
+        where.append(varint(len(out)) + varint(len(contents)))
+        out += contents + b"\0" + struct.pack("<I", mask_crc32c(google_crc32c.value(contents + b"\0")))
+    index = raw_block([(0, b"\xff" * (i + 1), where[h]) for i, h in enumerate(handles)])
+    index_handle = varint(len(out)) + varint(len(index))
+    out += index + b"\0" + struct.pack("<I", mask_crc32c(google_crc32c.value(index + b"\0")))
+    out += (varint(0) + varint(0) + index_handle).ljust(40, b"\0") + struct.pack("<Q", TABLE_MAGIC)
+    path.write_bytes(bytes(out))
+
+
+def test_index_pointing_at_one_block_many_times_is_refused(tmp_path):
+    # Each handle to a large entry-less block would be read and checksummed again: quadratic in the file.
+    empty_but_large = raw_block([], num_restarts=50_000)
+    write_table(tmp_path / "m.index", [raw_block([(0, b"", header_proto())]), empty_but_large], [0, 1, 1, 1])
+    with pytest.raises(CheckpointError, match="data block at .* overlaps the block before it"):
+        TensorBundleReader(tmp_path / "m")
+
+
+def test_prefix_compressed_names_cannot_blow_up(tmp_path):
+    # Each entry reuses the whole previous name and adds a byte: this 44 KB index would rebuild 90 MB
+    # of names (one of 1 MB, 30 GB). The reader stops once the names outgrow the index many times over.
+    entries = [(0, b"", header_proto()), (0, b"a" * 4000, b"")]
+    entries += [(4000 + i, b"a", b"") for i in range(10_000)]
+    write_table(tmp_path / "m.index", [raw_block(entries)], [0])
+    (tmp_path / "m.data-00000-of-00001").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="tensor names add up to far more bytes than the index holds"):
+        TensorBundleReader(tmp_path / "m")
+
+
+def test_index_or_shard_that_is_not_a_regular_file(copy_of_small, tmp_path):
+    data_file(copy_of_small).unlink()
+    os.mkfifo(data_file(copy_of_small))  # stat says 0 bytes; opening it would block
+    with pytest.raises(CheckpointError, match="data shard .*data-00000-of-00001 is not a regular file"):
+        TensorBundleReader(copy_of_small)
+    os.mkfifo(tmp_path / "fifo.index")
+    with pytest.raises(CheckpointError, match="checkpoint index .*fifo.index is not a regular file"):
+        TensorBundleReader(tmp_path / "fifo")

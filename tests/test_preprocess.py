@@ -217,18 +217,79 @@ def test_png_full_pipeline_matches_tf(photo_files):
         assert max_diff(pp.preprocess(path, 224), pp.preprocess_tf(path, 224)) * max(IMAGENET_STD) <= TOL
 
 
-def test_pil_jpeg_equals_tf_accurate_idct_not_tf_default(tf, photo_files):
-    """PIL decodes JPEG with the accurate IDCT; TF's default (the official pipeline's) is the fast one."""
+@pytest.fixture(scope="module")
+def jpeg_variants(tmp_path_factory) -> list[Path]:
+    """JPEG encodings beyond baseline 4:2:0: other chroma subsamplings, progressive, CMYK."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("jpeg_variants")
+    coffee = Image.fromarray(data.coffee())
+    rng = np.random.default_rng(3)
+    cmyk = np.concatenate([data.chelsea(), rng.integers(40, 256, (*data.chelsea().shape[:2], 1))], axis=2)
+    variants = {
+        "coffee_444_q90.jpg": (coffee, {"quality": 90, "subsampling": 0}),
+        "coffee_422_q80.jpg": (coffee, {"quality": 80, "subsampling": 1}),
+        "coffee_progressive_q85.jpg": (coffee, {"quality": 85, "progressive": True}),
+        "chelsea_cmyk_q90.jpg": (Image.fromarray(cmyk.astype(np.uint8), "CMYK"), {"quality": 90}),
+    }
+    files = []
+    for name, (image, options) in variants.items():
+        files.append(folder / name)
+        image.save(files[-1], **options)
+    return files
+
+
+def _tf_default_decode(tf, path: Path) -> np.ndarray:
+    return tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False).numpy()
+
+
+def test_jpeg_decoding_equals_tf_default(tf, photo_files, jpeg_variants):
+    """simplejpeg with the fast IDCT decodes every JPEG to exactly TF's default pixels."""
+    for path in [p for p in photo_files if p.suffix == ".jpg"] + jpeg_variants:
+        ours = pp.decode_image(path)
+        assert ours.dtype == np.uint8 and ours.ndim == 3 and ours.shape[2] == 3, path.name
+        assert np.array_equal(ours, _tf_default_decode(tf, path)), path.name
+        assert np.array_equal(pp.decode_image(path.read_bytes()), ours), path.name
+
+
+def test_jpeg_full_pipeline_matches_tf(photo_files, jpeg_variants, capsys):
+    """Decode + crop + resize from the file, ours vs TF's ops: within TOL on the 0-255 scale, for every image.
+
+    Prints the figure per image (worst of 224/300/600 px), next to what PIL's decoding would give.
+    """
+    ours, pil = {}, {}
+    for path in [p for p in photo_files if p.suffix == ".jpg"] + jpeg_variants:
+        with Image.open(path) as img:
+            pil_pixels = np.asarray(img.convert("RGB"))
+        for size in (224, 300, 600):
+            theirs = pp.preprocess_tf(path, size, None, None)
+            ours[path.name] = max(ours.get(path.name, 0.0), max_diff(pp.preprocess(path, size, None, None), theirs))
+            pil[path.name] = max(pil.get(path.name, 0.0), max_diff(pp.preprocess(pil_pixels, size, None, None), theirs))
+    with capsys.disabled():
+        print("\nJPEG -> crop -> resize, max |x - TF| on the 0-255 scale (simplejpeg decoding | PIL decoding):")
+        for name in ours:
+            print(f"  {name:<28} {ours[name]:.3g} | {pil[name]:.3g}")
+    assert max(ours.values()) <= TOL, max(ours.items(), key=lambda kv: kv[1])
+
+
+def test_pil_jpeg_is_tf_accurate_idct_not_tf_default(tf, photo_files):
+    """Why simplejpeg: PIL decodes with the accurate IDCT, TF's default (the official pipeline's) is the fast one."""
     for path in (p for p in photo_files if p.suffix == ".jpg"):
         contents = tf.io.read_file(str(path))
-        ours = pp.decode_image(path)
+        with Image.open(path) as img:
+            pil = np.asarray(img.convert("RGB"))
         accurate = tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE").numpy()
-        assert np.array_equal(ours, accurate), path.name
-        default = tf.io.decode_image(contents, channels=3, expand_animations=False).numpy()
-        differ = np.abs(ours.astype(int) - default).max()
+        assert np.array_equal(pil, accurate), path.name
+        differ = np.abs(pil.astype(int) - _tf_default_decode(tf, path)).max()
         assert 0 < differ <= 32, path.name  # a few levels typically; up to 20 at quality 95
-        after = max_diff(pp.preprocess(path, 224, None, None), pp.preprocess_tf(path, 224, None, None))
-        assert after <= 32, path.name
+
+
+def test_undecodable_jpeg_falls_back_to_pil(tmp_path):
+    """A file with JPEG magic that libjpeg-turbo refuses still gets PIL's verdict (here: an error)."""
+    bad = tmp_path / "magic_only.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    with pytest.raises(UsageError, match="cannot read image"):
+        pp.decode_image(bad)
 
 
 def test_decode_and_crop_option(photo_files, tmp_path):

@@ -214,3 +214,19 @@ def test_tarball_over_the_size_limit(tmp_path):
         resolve_checkpoint(tarball, max_extract_bytes=100).__enter__()
     with resolve_checkpoint(tarball, max_extract_bytes=128) as files:
         assert os.path.getsize(files.files[1]) == 64
+
+
+def test_unreadable_tarball_is_one_line(tmp_path):
+    # tarfile lists a reason per compression it tried, one per line; found by tests/test_fuzz.py.
+    tarball = tmp_path / "ckpt.tar"
+    tarball.write_bytes(b"\1" * 2048)
+    with pytest.raises(CheckpointError, match=r"cannot extract a checkpoint from .*ckpt.tar: .*\(.*gz.*\)") as e:
+        resolve_checkpoint(tarball).__enter__()
+    assert "\n" not in str(e.value)
+
+
+def test_tarball_with_too_many_members(tmp_path, monkeypatch):
+    monkeypatch.setattr("effconv.source._MAX_TAR_MEMBERS", 10)
+    tarball = make_tar(tmp_path / "many.tar.gz", [INDEX, DATA, *[(f"ckpt/empty{i}", b"") for i in range(9)]])
+    with pytest.raises(CheckpointError, match="many.tar.gz holds more than 10 members; not a checkpoint tarball"):
+        resolve_checkpoint(tarball).__enter__()

@@ -103,3 +103,24 @@ def test_verify_usage_errors(fixture_ckpt, artifact, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
     bad_inputs = run_cli("verify", "--src", fixture_ckpt, "--inputs", tmp_path / "bad.npy")
     assert bad_inputs.exit_code == 2 and "NHWC" in bad_inputs.stderr
+
+
+def test_real_images_report_preprocessing_and_model_separately(fixture_ckpt, artifact, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.astronaut()[40:400, :480]).save(images / "astronaut.png")
+    Image.fromarray(data.coffee()).save(images / "coffee.jpg", quality=90)
+    report = tmp_path / "r.json"
+    args = ["verify", "--src", fixture_ckpt, "--weights", artifact, "--images", images, "--report", report]
+    # Random weights turn smooth natural images into logits of ~4000: judge those relative to max |logit|.
+    result = run_cli(*args, "--input-size", "97", "--rtol", "1e-3")
+    assert result.exit_code == 0, result.output
+    cases = {c["name"]: c for c in json.loads(report.read_text())["cases"]}
+    assert set(cases) == {"b0@97", "b0:astronaut.png", "b0:coffee.jpg"}
+    png = cases["b0:astronaut.png"]
+    assert png["input_size"] == [224, 224] and png["preprocessing_max_abs"] <= 1e-3  # PNG: same pixels, same resize
+    assert cases["b0:coffee.jpg"]["preprocessing_max_abs"] is not None
+    assert all(c["logits"]["max_rel"] <= 1e-3 and c["top1_agreement"] == 1.0 for c in cases.values())

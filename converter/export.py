@@ -1,0 +1,146 @@
+"""ONNX export of a converted model, its TF 'SAME' padding fixed for one input size, checked with onnxruntime.
+
+ONNX has no 'SAME' padding that matches TF's for every size (`auto_pad=SAME_UPPER`
+is evaluated by each runtime in its own way, and a graph that computes pads from
+the input shape is slow and often refused by converters). So the model's padding
+is worked out once for the given size (`EfficientNet.set_input_size`) and goes
+into every `Conv` as constant, possibly asymmetric, `pads`. Height and width are
+fixed; the batch dimension stays free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effconv.errors import ParityError, UsageError
+
+DEFAULT_ATOL = 1e-4
+CHECK_BATCHES = (2, 1)  # two batch sizes: the free batch dimension is exercised too
+ONNX_SUFFIX = ".onnx"
+
+
+@dataclass
+class OnnxExport:
+    """What was written and how closely onnxruntime reproduces PyTorch."""
+
+    path: Path
+    arch: str
+    input_size: int
+    output_name: str
+    files: list[Path]
+    max_abs_diff: float | None  # None when the check was skipped
+
+
+def _check_target(onnx_path: str | os.PathLike, force: bool) -> Path:
+    path = Path(onnx_path)
+    if path.suffix != ONNX_SUFFIX:
+        raise UsageError(f"--onnx must end in {ONNX_SUFFIX}: {path}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output directory does not exist: {parent}")
+    if path.is_dir():
+        raise UsageError(f"output path is a directory: {path}")
+    if path.exists() and not force:
+        raise UsageError(f"output exists: {path} (use --force to overwrite)")
+    return path
+
+
+def _onnx_modules():
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as e:
+        raise UsageError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); pip install 'effconv[onnx]'") from e
+    return onnxruntime
+
+
+def export_onnx(
+    weights: str | os.PathLike,
+    onnx_path: str | os.PathLike,
+    input_size: int | None = None,
+    *,
+    force: bool = False,
+    check: bool = True,
+    atol: float = DEFAULT_ATOL,
+    opset: int | None = None,
+) -> OnnxExport:
+    """Export the model `effconv convert` wrote to `weights` (card beside it) as ONNX.
+
+    `input_size` (default: the card's image size) fixes height and width; the
+    batch stays dynamic. With `check`, onnxruntime runs the file on seeded N(0, 1)
+    batches and its output must match PyTorch's within `atol` (max abs), else
+    ParityError (nothing is left at `onnx_path`).
+    """
+    from effconv.models import load
+
+    target = _check_target(onnx_path, force)
+    ort = _onnx_modules()
+    model = load(weights)
+    size = int(input_size or model.card["image_size"])
+    if size < 1:
+        raise UsageError(f"--input-size must be positive, not {size}")
+    model.set_input_size(size)
+    output_name = "logits" if model.num_classes else "features"
+    example = torch.randn(CHECK_BATCHES[0], 3, size, size, generator=torch.Generator().manual_seed(0))
+    program = _export(model, example, output_name, opset)
+
+    # Written in a temporary folder beside the target, then moved into place: never half a file under
+    # the target's name. Over 2 GB (l2) the tensors go to an external data file next to it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else "."))
+    try:
+        program.save(staging / target.name)
+        diff = _check_with_onnxruntime(ort, model, staging / target.name, size, output_name) if check else None
+        if diff is not None and not diff <= atol:
+            raise ParityError(f"onnxruntime differs from PyTorch by {diff:.3g} (max abs) > {atol:g}; nothing written")
+        files = []
+        for f in sorted(staging.iterdir()):
+            os.replace(f, target.parent / f.name)
+            files.append(target.parent / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return OnnxExport(target, model.arch, size, output_name, files, diff)
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, output_name: str, opset: int | None):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=[output_name],
+                dynamic_shapes={"x": {0: batch}},
+                opset_version=opset,
+            )
+        except Exception as e:  # the exporter raises many types; say what failed, with its log
+            log = quiet.getvalue().strip().splitlines()[-3:]
+            raise UsageError(f"ONNX export failed: {str(e).strip().splitlines()[0]} {' | '.join(log)}") from e
+
+
+def _check_with_onnxruntime(ort, model: torch.nn.Module, path: Path, size: int, output_name: str) -> float:
+    """Max abs difference between onnxruntime and PyTorch on seeded batches of each CHECK_BATCHES size."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for seed, batch in enumerate(CHECK_BATCHES, start=1):
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        (got,) = session.run([output_name], {"input": x.numpy()})
+        worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+    return worst

@@ -1,0 +1,83 @@
+"""mmpretrain's `ImageClassifier` with the `EfficientNet` backbone and `LinearClsHead`, as data.
+
+The backbone's `layers.0` is the stem; every stride-1 stage after the first
+joins the stage before it (stages 4+5 and 6+7 of the base network), and the
+head conv is the layer after the last block layer. Each conv is a ConvModule
+(`.conv`, `.bn`); the squeeze-excite convs are ConvModules without a norm.
+"""
+
+from __future__ import annotations
+
+from effconv.mappings.tables import LayoutTable
+from effconv.models import spec
+from effconv.variants import ADVPROP_MEAN, ADVPROP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+_BLOCK = (
+    ("dw_conv", "depthwise_conv.conv"),
+    ("dw_bn", "depthwise_conv.bn"),
+    ("se.reduce", "se.conv1.conv"),
+    ("se.expand", "se.conv2.conv"),
+    ("project_conv", "linear_conv.conv"),
+    ("project_bn", "linear_conv.bn"),
+)
+
+TABLE = LayoutTable(
+    name="mmpretrain",
+    stem=(("stem.conv", "backbone.layers.0.conv"), ("stem.bn", "backbone.layers.0.bn")),
+    expand_block=(("expand_conv", "expand_conv.conv"), ("expand_bn", "expand_conv.bn"), *_BLOCK),
+    plain_block=_BLOCK,
+    head=(("head.conv", "backbone.layers.{head_layer}.conv"), ("head.bn", "backbone.layers.{head_layer}.bn")),
+    classifier=(("classifier", "head.fc"),),
+    block_scope="backbone.layers.{layer}.{layer_pos}.",
+    library="mmpretrain",
+    checkpoint_key="state_dict",
+)
+
+
+def _is(values, reference) -> bool:
+    return all(abs(float(a) - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(values, reference, strict=True))
+
+
+def config_name(arch: str, image_size: int, zero_one_norm: bool) -> str:
+    """The mmpretrain config that builds this model with the matching data preprocessor."""
+    if arch == "l2":
+        return "efficientnet-l2_8xb32_in1k-475px" if image_size == 475 else "efficientnet-l2_8xb8_in1k-800px"
+    return f"efficientnet-{arch}_8xb32{'-01norm' if zero_one_norm else ''}_in1k"
+
+
+def model_name(arch: str, image_size: int, zero_one_norm: bool) -> str | None:
+    """A `mmpretrain.get_model` name built from `config_name`'s config (its weights are replaced by ours)."""
+    if arch == "l2":
+        return f"efficientnet-l2_3rdparty-ra-noisystudent_in1k-{475 if image_size == 475 else 800}px"
+    if zero_one_norm:
+        return f"efficientnet-{arch}_3rdparty_8xb32-aa-advprop_in1k"
+    return None if arch == "b8" else f"efficientnet-{arch}_3rdparty_8xb32-aa_in1k"  # no ImageNet-norm b8 model
+
+
+def card_section(card: dict) -> dict:
+    """The matching mmpretrain config, the model it builds and the data preprocessor the weights need."""
+    arch, size, pre = card["arch"], int(card["image_size"]), card["preprocessing"]
+    zero_one = _is(pre["mean"], ADVPROP_MEAN) and _is(pre["std"], ADVPROP_STD)
+    name = config_name(arch, size, zero_one)
+    num_classes = int(card["num_classes"])
+    head = (
+        {"type": "LinearClsHead", "num_classes": num_classes, "in_channels": spec.head_channels(arch)}
+        if num_classes
+        else None
+    )
+    section = {
+        "config": name,
+        "get_model": model_name(arch, size, zero_one),
+        "model": {
+            "type": "ImageClassifier",
+            "backbone": {"type": "EfficientNet", "arch": arch},
+            "neck": {"type": "GlobalAveragePooling"},
+            "head": head,
+        },
+        "data_preprocessor": {"mean": list(pre["mean"]), "std": list(pre["std"]), "to_rgb": True},
+        "checkpoint": "torch .pth: {'state_dict': ..., 'meta': model card}; .safetensors: the bare state dict",
+    }
+    config_norm = (ADVPROP_MEAN, ADVPROP_STD) if zero_one else (IMAGENET_MEAN, IMAGENET_STD)
+    if (arch == "l2" and zero_one) or not (_is(pre["mean"], config_norm[0]) and _is(pre["std"], config_norm[1])):
+        section["note"] = f"{name}'s data_preprocessor differs from this model's: use the data_preprocessor above"
+    return section

@@ -1,0 +1,18 @@
+"""effconv's own layout: the canonical module names every other layout table renames from."""
+
+from __future__ import annotations
+
+from effconv.mappings.tables import LayoutTable
+
+_BLOCK_MODULES = ("dw_conv", "dw_bn", "se.reduce", "se.expand", "project_conv", "project_bn")
+
+TABLE = LayoutTable(
+    name="native",
+    stem=(("stem.conv", "stem.conv"), ("stem.bn", "stem.bn")),
+    expand_block=tuple((m, m) for m in ("expand_conv", "expand_bn", *_BLOCK_MODULES)),
+    plain_block=tuple((m, m) for m in _BLOCK_MODULES),
+    head=(("head.conv", "head.conv"), ("head.bn", "head.bn")),
+    classifier=(("classifier", "classifier"),),
+    block_scope="blocks.{index}.",
+    library="effconv (effconv.models.load)",
+)

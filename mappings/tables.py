@@ -1,0 +1,70 @@
+"""The two shapes a mapping table takes; `effconv.mappings.engine` expands both.
+
+A `SourceTable` maps one source format's variable names (official TF
+checkpoint, Keras .h5) to effconv's canonical names (the native model's state
+dict) with a layout transform. A `LayoutTable` renames canonical modules to one
+output layout's modules (native, timm, mmpretrain); the tensors themselves do
+not change. Neither knows how many blocks an arch has: the engine expands the
+block rows over `spec.blocks(arch)`.
+
+Block scopes are format strings over these fields of each block:
+`index` (flat, 0-based), `stage` (0-based) and `stage_number` (1-based),
+`pos` (position in its stage), `letter` (`pos` as a, b, c, ...), and `layer` /
+`layer_pos`: the block's place when every stride-1 stage after the first joins
+the stage before it (layer 0 is the stem, the last block layer is followed by
+`head_layer`, which the head rows may use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class Rule(NamedTuple):
+    """One source variable (or, with transform "bn", one batch-norm scope) -> one canonical tensor."""
+
+    source: str
+    target: str
+    transform: str
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """Source names -> canonical names, per block kind.
+
+    Source rows may name `{field}`s that are given when the plan is expanded
+    (e.g. `{bn}`, the batch-norm scope of an official checkpoint). A row with
+    transform "bn" expands over `bn_fields`, joined with `separator`.
+    """
+
+    name: str
+    stem: tuple[Rule, ...]
+    expand_block: tuple[Rule, ...]  # blocks with an expand conv (expand ratio != 1)
+    plain_block: tuple[Rule, ...]  # expand ratio 1
+    head: tuple[Rule, ...]
+    classifier: tuple[Rule, ...]
+    block_scope: str  # source prefix of a block's rows
+    bn_fields: tuple[tuple[str, str], ...]  # (source field, canonical tensor)
+    known_names: tuple[tuple[str, str], ...] = ()  # (exact name, reason it is not a model tensor)
+    known_suffixes: tuple[tuple[str, str], ...] = ()  # (name suffix, reason)
+    separator: str = "/"
+
+
+@dataclass(frozen=True)
+class LayoutTable:
+    """Canonical module names -> one output layout's module names, per section.
+
+    Each row is (canonical module, layout module); every tensor of the module
+    (weight, bias, BN statistics, `num_batches_tracked`) keeps its own name.
+    """
+
+    name: str
+    stem: tuple[tuple[str, str], ...]
+    expand_block: tuple[tuple[str, str], ...]
+    plain_block: tuple[tuple[str, str], ...]
+    head: tuple[tuple[str, str], ...]
+    classifier: tuple[tuple[str, str], ...]
+    block_scope: str  # layout prefix of a block's modules
+    library: str  # who loads this layout (named when effconv's own loader refuses it)
+    checkpoint_key: str | None = None  # .pth files wrap the state dict as {checkpoint_key: ..., "meta": card}
