@@ -150,3 +150,23 @@ def test_copy_of_fixture_prefix_and_index_paths(fixture_ckpt, tmp_path):
     a = convert_checkpoint(copy / "model.ckpt", variant="standard")
     b = convert_checkpoint(copy / "model.ckpt.index", variant="standard")
     assert all(torch.equal(a.state_dict[k], v) for k, v in b.state_dict.items())
+
+
+def test_native_safetensors_loads_with_effconv(fixture_ckpt, tmp_path, oracle):
+    out = tmp_path / "b0.safetensors"
+    assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "-q", "--variant", "standard").exit_code == 0
+    model = load(out)
+    with torch.no_grad():
+        assert max_abs(model(nchw(oracle["x"])).numpy(), oracle["logits_ema"]) <= 1e-4
+
+
+def test_load_refuses_weights_that_do_not_fit_the_card(converted, tmp_path):
+    from effconv.errors import UsageError
+
+    out = tmp_path / "b0.pth"
+    shutil.copy(converted[0], out)
+    card = json.loads(converted[0].with_suffix(".json").read_text())
+    card["num_classes"] = 10
+    out.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(UsageError, match="10 classes"):
+        load(out)
