@@ -178,7 +178,11 @@ def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "nati
         card = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"model card {path} is not readable JSON: {e}") from e
-    layout = card.get("layout", "native") if isinstance(card, dict) else None
+    if not isinstance(card, dict):
+        raise UsageError(f"model card {path} is not a JSON object")
+    layout = card.get("layout", "native")
+    if not isinstance(layout, str):
+        raise UsageError(f"model card {path} has no valid 'layout' (got {layout!r})")
     if expect_layout is not None and layout != expect_layout:
         from effconv.mappings.layouts import LAYOUTS
 

@@ -461,10 +461,10 @@ def export(weights, onnx_path, input_size, atol, no_check, opset, force):
     from effconv.export import export_onnx
 
     result = export_onnx(weights, onnx_path, input_size, force=force, check=not no_check, atol=atol, opset=opset)
-    size = result.input_size
-    click.echo(f"exported efficientnet-{result.arch} to {result.path}: input [batch, 3, {size}, {size}] -> {result.output_name}")
+    size, name = result.input_size, result.output_name
+    click.echo(f"exported efficientnet-{result.arch} to {result.path}: [batch, 3, {size}, {size}] -> {name}")
     if len(result.files) > 1:
-        click.echo("  with external tensor data: " + ", ".join(str(f) for f in result.files[1:] if f != result.path))
+        click.echo("  with external tensor data: " + ", ".join(str(f) for f in result.files[1:]))
     if result.max_abs_diff is not None:
         click.echo(f"  onnxruntime vs PyTorch: max |diff| {result.max_abs_diff:.3g} (tolerance {atol:g})")
 

@@ -20,7 +20,7 @@ from effconv import __version__
 from effconv.bundle import TensorBundleReader
 from effconv.detect import CheckpointLayout, detect_layout
 from effconv.ema_policy import EmaChoice, choose_weights
-from effconv.errors import UsageError
+from effconv.errors import CheckpointError, MappingError, UsageError
 from effconv.keras_h5 import is_keras_source
 from effconv.keras_source import KerasLayout
 from effconv.mappings import engine, keras, official, transforms
@@ -96,12 +96,33 @@ class _Plan:
     mean_std: tuple[list[float], list[float]] | None = None
 
 
+def _global_step(reader: TensorBundleReader, origin: Path) -> int:
+    """The training step the card records; anything but a scalar integer is a broken checkpoint."""
+    info = reader.info("global_step")
+    if info.shape != () or info.dtype.kind not in "iu":
+        raise CheckpointError(
+            f"global_step in {origin} has shape {info.shape} and dtype {info.dtype_name or info.dtype}; "
+            "expected a scalar integer"
+        )
+    return int(reader.read("global_step"))
+
+
+def _check_float_weights(infos, origin: Path) -> None:
+    """Refuse integer, bool or complex weights before reading: they would land as is in a float artifact."""
+    for info in infos:
+        if info.dtype.kind != "f" and not info.unsupported:  # unsupported ones: the reader says why
+            raise MappingError(
+                f"{info.name!r} in {origin} has dtype {info.dtype_name or info.dtype}; "
+                "model weights must be float16, float32 or float64"
+            )
+
+
 def _plan_official(source: _Source, shapes, arch, weights, allow_mixed) -> _Plan:
     layout = detect_layout(shapes, arch)
     plan = engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
     choice = choose_weights([m.source for m in plan], shapes, weights, allow_mixed)
     reader = source.reader
-    step = int(reader.read("global_step")) if "global_step" in shapes else None
+    step = _global_step(reader, source.origin) if "global_step" in shapes else None
     facts = {"prefix": layout.prefix, "bn_scope": layout.bn, "global_step": step}
     card = {"weights": choice.used, "weights_policy": weights, "mixed_variables": list(choice.mixed), "source": facts}
     return _Plan(layout, plan, choice, official.TABLE, card)
@@ -213,6 +234,7 @@ def convert_checkpoint(
         names = engine.layout_names(table, found.arch, found.num_classes)
         # Read in file order: one sequential pass over each shard.
         infos = {m.target: reader.info(choice.source_of[m.source]) for m in plan}
+        _check_float_weights(infos.values(), source.origin)
         ordered = sorted(plan, key=lambda m: (infos[m.target].shard, infos[m.target].offset))
         total = sum(info.nbytes for info in infos.values())
         done = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -60,7 +61,7 @@ def _onnx_modules():
         import onnxruntime
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError as e:
-        raise UsageError(f"ONNX export needs onnx, onnxscript and onnxruntime ({e}); pip install 'effconv[onnx]'") from e
+        raise UsageError(f"ONNX export needs onnxscript and onnxruntime ({e}); pip install 'effconv[onnx]'") from e
     return onnxruntime
 
 
@@ -84,37 +85,51 @@ def export_onnx(
     from effconv.models import load
 
     target = _check_target(onnx_path, force)
-    ort = _onnx_modules()
     model = load(weights)
-    size = int(input_size or model.card["image_size"])
-    if size < 1:
-        raise UsageError(f"--input-size must be positive, not {size}")
-    model.set_input_size(size)
+    return export_model(model, target, int(input_size or model.card["image_size"]), check=check, atol=atol, opset=opset)
+
+
+def export_model(
+    model: torch.nn.Module,
+    onnx_path: str | os.PathLike,
+    input_size: int,
+    *,
+    check: bool = True,
+    atol: float = DEFAULT_ATOL,
+    opset: int | None = None,
+) -> OnnxExport:
+    """`export_onnx` for an EfficientNet already in memory (its padding is fixed for `input_size`)."""
+    ort = _onnx_modules()
+    target = Path(onnx_path)
+    if input_size < 1:
+        raise UsageError(f"--input-size must be positive, not {input_size}")
+    model.eval().set_input_size(input_size)
     output_name = "logits" if model.num_classes else "features"
-    example = torch.randn(CHECK_BATCHES[0], 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(CHECK_BATCHES[0], 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     program = _export(model, example, output_name, opset)
 
     # Written in a temporary folder beside the target, then moved into place: never half a file under
     # the target's name. Over 2 GB (l2) the tensors go to an external data file next to it.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if str(target.parent) else "."))
+    parent = target.parent if str(target.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
     try:
         program.save(staging / target.name)
-        diff = _check_with_onnxruntime(ort, model, staging / target.name, size, output_name) if check else None
+        diff = _check_with_onnxruntime(ort, model, staging / target.name, input_size, output_name) if check else None
         if diff is not None and not diff <= atol:
             raise ParityError(f"onnxruntime differs from PyTorch by {diff:.3g} (max abs) > {atol:g}; nothing written")
         files = []
-        for f in sorted(staging.iterdir()):
-            os.replace(f, target.parent / f.name)
-            files.append(target.parent / f.name)
+        for f in sorted(staging.iterdir(), key=lambda f: f.name != target.name):
+            os.replace(f, parent / f.name)
+            files.append(parent / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return OnnxExport(target, model.arch, size, output_name, files, diff)
+    return OnnxExport(target, model.arch, input_size, output_name, files, diff)
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, output_name: str, opset: int | None):
     batch = torch.export.Dim("batch", min=1, max=4096)
     quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         try:
             return torch.onnx.export(
@@ -129,6 +144,18 @@ def _export(model: torch.nn.Module, example: torch.Tensor, output_name: str, ops
         except Exception as e:  # the exporter raises many types; say what failed, with its log
             log = quiet.getvalue().strip().splitlines()[-3:]
             raise UsageError(f"ONNX export failed: {str(e).strip().splitlines()[0]} {' | '.join(log)}") from e
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """The exporter logs its progress and optional registrations; effconv prints its own summary."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_with_onnxruntime(ort, model: torch.nn.Module, path: Path, size: int, output_name: str) -> float:

@@ -54,9 +54,17 @@ def inspect_checkpoint(src: str | os.PathLike) -> dict:
             missing=sorted(n for n in needed if n not in infos and n + EMA_SUFFIX not in infos),
             optimizer_slots=sum(1 for r in other.values() if r == "optimizer slot"),
             unknown_variables=sorted(k for k, r in other.items() if r == "unknown variable"),
-            global_step=int(reader.read("global_step")) if "global_step" in infos else None,
+            global_step=_global_step(reader, infos),
         )
     return report
+
+
+def _global_step(reader: TensorBundleReader, infos: dict) -> int | None:
+    """The training step when it is a scalar integer; else None (inspect reports, it does not refuse)."""
+    info = infos.get("global_step")
+    if info is None or info.shape != () or info.dtype.kind not in "iu":
+        return None
+    return int(reader.read("global_step"))
 
 
 def inspect_keras(src: str | os.PathLike) -> dict:

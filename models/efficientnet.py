@@ -20,7 +20,7 @@ class ConvBNAct(nn.Module):
         super().__init__()
         self.conv = SameConv2d(cin, cout, kernel, stride, bias=False)
         self.bn = _bn(cout)
-        self.act = nn.SiLU() if act else nn.Identity()
+        self.act = nn.SiLU(inplace=True) if act else nn.Identity()  # on the fresh BN output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -31,7 +31,7 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         self.reduce = nn.Conv2d(channels, reduced, 1)
         self.expand = nn.Conv2d(reduced, channels, 1)
-        self.act = nn.SiLU()
+        self.act = nn.SiLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)
@@ -55,7 +55,7 @@ class MBConv(nn.Module):
         self.se = SqueezeExcite(mid, block.se_channels)
         self.project_conv = SameConv2d(mid, block.out_channels, 1, bias=False)
         self.project_bn = _bn(block.out_channels)
-        self.act = nn.SiLU()
+        self.act = nn.SiLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x

@@ -26,6 +26,7 @@ import pytest
 
 from effconv.bundle import TensorBundleReader, mask_crc32c
 from effconv.errors import UsageError
+from effconv.inspection import inspect_checkpoint
 from tests.helpers import run_cli
 from tests.test_bundle import entry_proto, first_data_block, header_proto, save_v2, write_index
 
@@ -35,14 +36,16 @@ DATA = "model.ckpt.data-00000-of-00001"
 
 
 @pytest.fixture
-def out_dir(tmp_path) -> Path:
+def out_dir(tmp_path, monkeypatch) -> Path:
     """An empty output folder; after each test it must still be empty, and no extraction folder left."""
-    before = set(Path(tempfile.gettempdir()).glob("effconv-*"))
+    scratch = tmp_path / "scratch"  # tempfile's folder during the test: what is left there is ours
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "out"
     out.mkdir()
     yield out
     assert sorted(p.name for p in out.iterdir()) == [], "something was written"
-    assert set(Path(tempfile.gettempdir()).glob("effconv-*")) == before, "an extraction folder was left"
+    assert sorted(p.name for p in scratch.iterdir()) == [], "an extraction folder was left"
 
 
 def convert(src, out_dir: Path, *args: str):
@@ -144,11 +147,6 @@ def test_unsupported_dtype_or_string_tensor(fixture_ckpt, fixture_entries, tmp_p
     assert_refused(convert(ckpt, out_dir), f"unsupported dtype {name}: tensor '{STEM_EMA}'")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in converter/convert.py (issue 4): a readable but non-float weight (int32 here) is written "
-    "as is, exit 0, into an artifact whose card says float32",
-)
 def test_integer_weight_is_refused(fixture_ckpt, fixture_entries, tmp_path):
     odd = {STEM_EMA: entry_of(fixture_ckpt, STEM_EMA, dtype=3)}  # int32: same size, the float bits as ints
     ckpt = rebuilt(fixture_ckpt, tmp_path / "ckpt", fixture_items(fixture_entries, odd))
@@ -156,12 +154,6 @@ def test_integer_weight_is_refused(fixture_ckpt, fixture_entries, tmp_path):
     assert not (tmp_path / "b0.pth").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug in converter/convert.py (issue 4): int(reader.read('global_step')) raises TypeError, "
-    "a traceback, when global_step is not a scalar",
-)
 def test_global_step_that_is_not_a_scalar(fixture_ckpt, fixture_entries, tmp_path):
     with TensorBundleReader(fixture_ckpt / "model.ckpt") as reader:
         first = reader.infos()[0]
@@ -170,6 +162,7 @@ def test_global_step_that_is_not_a_scalar(fixture_ckpt, fixture_entries, tmp_pat
     ckpt = rebuilt(fixture_ckpt, tmp_path / "ckpt", fixture_items(fixture_entries, {"global_step": step}))
     assert_refused(convert(ckpt, tmp_path), "global_step")
     assert not (tmp_path / "b0.pth").exists()
+    assert inspect_checkpoint(ckpt)["global_step"] is None  # inspect reports, it does not refuse
 
 
 def test_duplicate_tensor_names(fixture_ckpt, fixture_entries, tmp_path, out_dir):
@@ -216,16 +209,53 @@ def artifact(fixture_ckpt, tmp_path_factory) -> Path:
     return out
 
 
-def test_load_artifact_whose_card_says_other_classes(artifact, tmp_path):
+def test_load_artifact_whose_card_says_other_classes(artifact, fixture_ckpt, tmp_path):
     from effconv.models import load
 
     weights = tmp_path / "b0.pth"
     weights.symlink_to(artifact)
     card = json.loads(artifact.with_suffix(".json").read_text())
     (tmp_path / "b0.json").write_text(json.dumps({**card, "num_classes": 10}))
-    with pytest.raises(UsageError, match=r"(?s)does not fit the b0 model its card describes.*classifier.weight") as e:
+    with pytest.raises(UsageError, match=r"(?s)b0.pth does not fit the b0 model.*classifier.weight") as e:
         load(weights)
     assert e.value.exit_code == 2
+    result = run_cli("verify", "--src", fixture_ckpt, "--weights", weights, "-q")  # the same refusal, one line
+    assert_refused(result, "classifier.weight")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"arch": None}, "no valid 'arch' (got None)"),
+        ({"arch": 7}, "no valid 'arch' (got 7)"),
+        ({"arch": "b99"}, "unknown architecture 'b99'"),
+        ({"num_classes": None}, "no valid 'num_classes' (got None)"),
+        ({"num_classes": "1000"}, "no valid 'num_classes' (got '1000')"),
+        ({"num_classes": -1}, "no valid 'num_classes' (got -1)"),
+        ({"num_classes": True}, "no valid 'num_classes' (got True)"),
+        ({"num_classes": 10**12}, "its classifier.weight has 1000 rows"),  # refused before a 5 TB layer is built
+    ],
+)
+def test_load_artifact_whose_card_lacks_or_garbles_the_model(artifact, tmp_path, edit, needle):
+    from effconv.models import load
+
+    weights = tmp_path / "b0.pth"
+    weights.symlink_to(artifact)
+    card = json.loads(artifact.with_suffix(".json").read_text()) | edit
+    (tmp_path / "b0.json").write_text(json.dumps({k: v for k, v in card.items() if v is not None}))
+    with pytest.raises(UsageError) as e:
+        load(weights)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_load_artifact_whose_card_is_not_an_object(artifact, tmp_path):
+    from effconv.models import load
+
+    weights = tmp_path / "b0.pth"
+    weights.symlink_to(artifact)
+    (tmp_path / "b0.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="is not a JSON object"):
+        load(weights)
 
 
 def test_verify_weights_against_checkpoint_of_other_classes(artifact, tmp_path):

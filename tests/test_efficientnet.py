@@ -74,3 +74,88 @@ def test_endpoints_and_forward_agree():
         ends = model.forward_endpoints(x)
         assert torch.equal(ends["logits"], model(x))
     assert len([k for k in ends if k.startswith("block_")]) == 16
+
+
+def _randomised(model: EfficientNet, seed: int = 0) -> EfficientNet:
+    """Random weights and BN statistics far from identity, so every layer matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=gen)
+            t.copy_(r.abs() * 0.5 + 0.5 if name.endswith("running_var") else r * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 31, 32, 97, 224, 225])
+def test_static_input_size_equals_dynamic_padding(size):
+    dynamic = _randomised(create_model("b0", num_classes=10))
+    static = _randomised(create_model("b0", num_classes=10, input_size=size))
+    assert static.input_size == (size, size)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        assert torch.equal(static(x), dynamic(x))
+
+
+def test_static_model_still_exact_at_other_sizes():
+    dynamic = _randomised(create_model("b0", num_classes=10))
+    static = _randomised(create_model("b0", num_classes=10)).set_input_size(224)
+    with torch.no_grad():
+        for h, w in [(225, 225), (97, 131), (224, 223), (64, 64)]:
+            x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+            assert torch.equal(static(x), dynamic(x)), (h, w)
+    assert static.set_input_size(None).input_size is None
+    assert all(c.static_size is None for c in static.same_convs())
+
+
+def test_static_plans_follow_the_feature_map_sizes():
+    model = create_model("b0", input_size=224)
+    strided = [c for c in model.same_convs() if c.stride[0] == 2]
+    # b0 at 224: the stride-2 convs see 224, 112, 56, 28, 14; even sizes pad asymmetrically (extra pixel after).
+    assert [c.static_size for c in strided] == [(224, 224), (112, 112), (56, 56), (28, 28), (14, 14)]
+    assert all(c.padding_plan(*c.static_size)[0] is not None for c in strided)
+    odd = create_model("b0", input_size=225)
+    assert [c.static_size[0] for c in odd.same_convs() if c.stride[0] == 2] == [225, 113, 57, 29, 15]
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 2), (4, 2), (3, 1), (4, 1)])
+def test_folded_symmetric_padding_equals_explicit_pad(kernel, stride):
+    conv = SameConv2d(4, 6, kernel, stride, bias=True)
+    for size in range(1, 14):
+        x = torch.randn(1, 4, size, size + 1)
+        pads, padding = conv.padding_plan(size, size + 1)
+        if pads is None:  # symmetric: the convolution pads by itself, no F.pad copy
+            assert padding == (conv.pads_for(size, size + 1)[2], conv.pads_for(size, size + 1)[0])
+        expected = torch.nn.functional.conv2d(
+            torch.nn.functional.pad(x, conv.pads_for(size, size + 1)),
+            conv.weight,
+            conv.bias,
+            conv.stride,
+            0,
+            conv.dilation,
+            conv.groups,
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x), expected, rtol=0, atol=1e-6)
+
+
+def test_static_and_channels_last_match_the_official_fixture(fixture_ckpt, oracle):
+    from effconv.convert import convert_checkpoint
+    from tests.helpers import max_abs, nchw
+
+    model = create_model("b0")
+    model.load_state_dict(convert_checkpoint(fixture_ckpt, variant="standard").state_dict)
+    x = nchw(oracle["x"])
+    model.set_input_size(x.shape[-1])
+    with torch.no_grad():
+        assert max_abs(model(x).numpy(), oracle["logits_ema"]) <= 1e-4
+        model.to(memory_format=torch.channels_last)
+        assert max_abs(model(x.contiguous(memory_format=torch.channels_last)).numpy(), oracle["logits_ema"]) <= 1e-4
+
+
+def test_training_step_runs_with_inplace_activations():
+    model = create_model("b0", num_classes=3).train()
+    x = torch.randn(2, 3, 33, 33)
+    model(x).sum().backward()
+    assert model.stem.conv.weight.grad is not None and torch.isfinite(model.stem.conv.weight.grad).all()
