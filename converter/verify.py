@@ -269,7 +269,8 @@ def verify(
     with resolve_checkpoint(src) as files:
         say("hashing the checkpoint")
         hashes = {p.name: sha256_file(p) for p in files.files}
-        recorded = card.get("source", {}).get("sha256") or {}
+        source = card.get("source")
+        recorded = source.get("sha256") if isinstance(source, dict) else None
         if artifact is not None and recorded and recorded != hashes:
             notes.append("the artifact's card records other source hashes: it was converted from another checkpoint")
         tf_model, layout, choice = _tf_reference(files.prefix, card["arch"], weights, allow_mixed, say)
@@ -278,7 +279,7 @@ def verify(
                 f"the checkpoint has {layout.num_classes} classes but the PyTorch model {torch_model.num_classes}"
             )
         cases = []
-        sizes = input_sizes if input_sizes is not None else [int(card["image_size"])]
+        sizes = input_sizes if input_sizes is not None else [_card_image_size(card)]
         if inputs is not None and not input_sizes:
             sizes = []
         for size in sizes:
@@ -331,6 +332,16 @@ def verify(
     )
 
 
+def _card_image_size(card: dict) -> int:
+    """The card's input size, or the arch's native one when the card lacks a usable value."""
+    from effconv.models.spec import get_arch
+
+    size = card.get("image_size")
+    return (
+        size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else get_arch(card["arch"]).resolution
+    )
+
+
 def check_inputs(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3 or min(x.shape) < 1 or not np.issubdtype(x.dtype, np.floating):
@@ -365,7 +376,9 @@ def _image_cases(folder: Path, card: dict, tf_model, torch_model, atol, rtol, pe
     paths = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES)
     if not paths:
         raise UsageError(f"--images: no .jpg/.jpeg/.png files in {folder}")
-    pre = card["preprocessing"]
+    pre = card.get("preprocessing")
+    if not isinstance(pre, dict) or not {"image_size", "mean", "std", "crop_padding"} <= set(pre):
+        raise UsageError("--images needs the card's preprocessing (image_size, mean, std, crop_padding)")
     size = int(pre["image_size"])
     cases = []
     for path in paths:
