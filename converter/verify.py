@@ -198,6 +198,7 @@ def random_batch(batch: int, size: int, seed: int) -> np.ndarray:
 
 def _tf_reference(prefix: Path, arch: str, policy: str, allow_mixed: bool, say: Say):
     """Our TF reference model with weights read by TensorFlow itself, by official name."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the report
     import tensorflow as tf
 
     from effconv.detect import detect_layout

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv (if needed) and install effconv with everything its tests need.
-# Safe to run again: pip skips what is already there.
+# Create ./.venv (if needed) and install effconv with everything its tests need; then .venv-timm
+# (skipped with --main-only, as the demo does). Safe to run again: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,6 +14,7 @@ fi
   echo "bootstrap: installation incomplete" >&2
   exit 1
 }
+[ "${1:-}" = "--main-only" ] && exit 0
 
 # A second environment, .venv-timm, for the tests that load converted files into timm and mmpretrain
 # themselves. timm needs torchvision, whose only build here pairs with torch 2.14.1, a large CUDA build
