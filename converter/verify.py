@@ -283,39 +283,20 @@ def verify(
         sizes = input_sizes if input_sizes is not None else [_card_image_size(card)]
         if inputs is not None and not input_sizes:
             sizes = []
+        batches = []
         for size in sizes:
             if size < 1:
                 raise UsageError(f"--input-size must be positive, got {size}")
-            x = random_batch(batch, size, seed)
             desc = f"N(0,1) batch {batch}x{size}x{size}x3, seed {seed}"
-            cases.append(
-                compare_case(
-                    f"{layout.arch}@{size}",
-                    desc,
-                    x,
-                    tf_model,
-                    torch_model,
-                    atol=atol,
-                    rtol=rtol,
-                    per_layer=per_layer,
-                    say=say,
-                )
-            )
+            batches.append((f"{layout.arch}@{size}", desc, random_batch(batch, size, seed)))
         if inputs is not None:
             x = check_inputs(inputs)
-            cases.append(
-                compare_case(
-                    f"{layout.arch}@inputs",
-                    f"given batch {'x'.join(map(str, x.shape))}",
-                    x,
-                    tf_model,
-                    torch_model,
-                    atol=atol,
-                    rtol=rtol,
-                    per_layer=per_layer,
-                    say=say,
-                )
+            batches.append((f"{layout.arch}@inputs", f"given batch {'x'.join(map(str, x.shape))}", x))
+        for name, desc, x in batches:
+            case = compare_case(
+                name, desc, x, tf_model, torch_model, atol=atol, rtol=rtol, per_layer=per_layer, say=say
             )
+            cases.append(case)
         if images is not None:
             cases.extend(_image_cases(Path(images), card, tf_model, torch_model, atol, rtol, per_layer, say))
     return VerifyReport(
