@@ -11,7 +11,6 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,22 +50,19 @@ def check_output(out: str | os.PathLike, force: bool) -> tuple[Path, Path]:
     return out, card
 
 
-def _temporary_beside(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a hidden temporary file in the same folder, synced to disk."""
+def _new_temporary(path: Path) -> Path:
+    """A hidden, empty temporary file beside `path` (same folder: the final rename is atomic)."""
     # The writer's pid in the name lets a later run remove what a killed one left behind.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return tmp
+    return Path(tmp_name)
+
+
+def _seal(tmp: Path) -> None:
+    """Flush a finished temporary to disk and give it the usual permissions."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -102,17 +98,114 @@ def card_from_metadata(metadata: dict[str, str]) -> dict:
     return card
 
 
-def _saver(state_dict: dict[str, torch.Tensor], card: dict, out: Path) -> Callable[[Path], None]:
-    if out.suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import save_file
+class ArtifactWriter:
+    """Weights written to a hidden temporary beside `out` as they come; `commit` renames them into place.
 
-        metadata = card_to_metadata(card)
-        return lambda p: save_file(state_dict, str(p), metadata=metadata)
-    from effconv.mappings.layouts import get_layout
+        with ArtifactWriter("b0.pth", force=False) as art:
+            for name, tensor in tensors:
+                art.add(name, tensor)  # written now (.pth); the caller may reuse the memory
+            art.commit(card, order)  # pickle + zip directory, card beside, both renamed into place
 
-    key = get_layout(card.get("layout", "native")).checkpoint_key
-    payload = {key: state_dict, "meta": card} if key else state_dict
-    return lambda p: torch.save(payload, p)
+    A .pth/.pt is streamed (`StreamingStateDictWriter`): the state dict is never whole in
+    memory. A .safetensors needs every tensor before its header, so those are kept until
+    `commit`. Leaving the block without `commit` (an error, Ctrl-C) removes the temporaries
+    and leaves the old outputs, or none, untouched; a killed process leaves a temporary that
+    the next run beside it removes.
+    """
+
+    def __init__(self, out: str | os.PathLike, force: bool = False):
+        self.out, self.card_file = check_output(out, force)
+        for path in (self.out, self.card_file):
+            _remove_stale_temporaries(path)
+        self.safetensors = self.out.suffix == SAFETENSORS_SUFFIX
+        self._temps = [_new_temporary(self.out)]
+        self._kept: dict[str, torch.Tensor] = {}
+        self._writer = None
+        self._done = False
+        if not self.safetensors:
+            from effconv.streaming_save import StreamingStateDictWriter
+
+            try:
+                self._writer = StreamingStateDictWriter(self._temps[0])
+            except BaseException:
+                self.discard()
+                raise
+
+    def add(self, name: str, tensor: torch.Tensor, owned: bool = False) -> None:
+        """Write (or, for safetensors, keep) one tensor; `owned`: the caller will not reuse its memory."""
+        if self._done:
+            raise UsageError(f"cannot add {name!r}: the artifact {self.out} is already committed or discarded")
+        if self._writer is None:
+            if name in self._kept:
+                raise UsageError(f"tensor {name!r} written twice")
+            self._kept[name] = tensor if owned else tensor.clone()
+            return
+        with self._write_errors():
+            self._writer.add(name, tensor)
+
+    def commit(self, card: dict, order: list[str] | None = None) -> tuple[Path, Path]:
+        """Finish the weights (names in `order`, default as added) and the card; rename both into place."""
+        if self._done:
+            raise UsageError(f"the artifact {self.out} is already committed or discarded")
+        card = {**card, "file_format": "safetensors" if self.safetensors else "torch"}
+        with self._write_errors():
+            if self._writer is None:
+                from safetensors.torch import save_file
+
+                names = list(self._kept) if order is None else order
+                save_file({k: self._kept[k] for k in names}, str(self._temps[0]), metadata=card_to_metadata(card))
+                self._kept.clear()
+            else:
+                from effconv.mappings.layouts import get_layout
+
+                key = get_layout(card.get("layout", "native")).checkpoint_key
+                self._writer.close(order, wrap_key=key, meta=card if key else None)
+            _seal(self._temps[0])
+            self._temps.append(_new_temporary(self.card_file))
+            self._temps[1].write_text(json.dumps(card, indent=2) + "\n")
+            _seal(self._temps[1])
+            os.replace(self._temps[0], self.out)
+            os.replace(self._temps[1], self.card_file)
+            self._temps.clear()
+        self._done = True
+        return self.out, self.card_file
+
+    def discard(self) -> None:
+        """Abandon the artifact: temporaries removed, existing outputs untouched."""
+        self._done = True
+        self._kept.clear()
+        if self._writer is not None:
+            self._writer.abort()
+        for tmp in self._temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        self._temps.clear()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Turn a failed write into one clear UsageError, the artifact discarded."""
+        try:
+            yield
+        except UsageError:
+            self.discard()
+            raise
+        except OSError as e:
+            self.discard()
+            raise UsageError(f"cannot write {self.out}: {e.strerror or e}") from e
+        except Exception as e:  # torch and safetensors report a failed write (a full disk) in types of their own
+            self.discard()
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"cannot write {self.out} (is the disk full?): {reason}") from e
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done or self._temps:
+            self.discard()
 
 
 def write_artifact(state_dict: dict[str, torch.Tensor], card: dict, out: str | os.PathLike, force: bool = False):
@@ -122,27 +215,10 @@ def write_artifact(state_dict: dict[str, torch.Tensor], card: dict, out: str | o
     interrupted run leaves the old outputs (or none) and never a half-written one.
     A layout with a `checkpoint_key` (mmpretrain) makes a .pth hold `{key: state_dict, "meta": card}`.
     """
-    out, card_file = check_output(out, force)
-    for path in (out, card_file):
-        _remove_stale_temporaries(path)
-    card = {**card, "file_format": "safetensors" if out.suffix == SAFETENSORS_SUFFIX else "torch"}
-    temps: list[Path] = []
-    try:
-        temps.append(_temporary_beside(out, _saver(state_dict, card, out)))
-        text = json.dumps(card, indent=2) + "\n"
-        temps.append(_temporary_beside(card_file, lambda p: p.write_text(text)))
-        os.replace(temps[0], out)
-        os.replace(temps[1], card_file)
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
-    except Exception as e:  # torch.save and safetensors report a failed write (a full disk) in types of their own
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot write {out} (is the disk full?): {reason}") from e
-    finally:
-        for tmp in temps:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    return out, card_file
+    with ArtifactWriter(out, force) as art:
+        for name, tensor in state_dict.items():
+            art.add(name, tensor, owned=True)
+        return art.commit(card)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

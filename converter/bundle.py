@@ -521,12 +521,21 @@ class TensorBundleReader:
 
     # --- reading ---
 
-    def read(self, name: str, verify: bool = True) -> np.ndarray:
-        """One tensor as a fresh little-endian array; `verify` checks its crc32c."""
+    def read(self, name: str, verify: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """One tensor as a little-endian array; `verify` checks its crc32c.
+
+        The array is fresh, or a view into the front of `out` (a uint8 buffer of at least
+        `info(name).size` bytes, reused across calls to spare the page faults of fresh memory).
+        """
         info = self.info(name)
         if info.unsupported:
             raise CheckpointError(f"unsupported {info.unsupported}: tensor {name!r} in {self.index_path}")
-        buffer = np.empty(info.size, dtype=np.uint8)
+        if out is None:
+            buffer = np.empty(info.size, dtype=np.uint8)
+        elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or out.size < info.size:
+            raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {info.size} bytes")
+        else:
+            buffer = out[: info.size]
         path = self.shard_paths[info.shard]
         if info.size:
             with self._lock:

@@ -137,31 +137,32 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
 
     --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
     """
-    from effconv.artifact import check_output, write_artifact
+    from effconv.artifact import ArtifactWriter
     from effconv.convert import convert_checkpoint
     from effconv.download import resolve_source
 
     src, variant, image_size = resolve_source(src, variant, image_size, dest)
-    check_output(out, force)
-    bar, update = _progress_bar("reading") if not quiet else (None, None)
-    try:
-        result = convert_checkpoint(
-            src,
-            arch=arch,
-            weights=weights,
-            allow_mixed=allow_mixed,
-            variant=variant,
-            image_size=image_size,
-            layout=layout,
-            dtype=dtype,
-            progress=update,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    for warning in result.warnings:
-        click.secho(f"effconv: warning: {warning}", err=True, fg="yellow")
-    weights_path, card_path = write_artifact(result.state_dict, result.card, out, force)
+    with ArtifactWriter(out, force) as artifact:  # checks the output before any work
+        bar, update = _progress_bar("converting") if not quiet else (None, None)
+        try:
+            result = convert_checkpoint(
+                src,
+                arch=arch,
+                weights=weights,
+                allow_mixed=allow_mixed,
+                variant=variant,
+                image_size=image_size,
+                layout=layout,
+                dtype=dtype,
+                progress=update,
+                sink=artifact.add,  # each tensor is written as soon as it is converted
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        for warning in result.warnings:
+            click.secho(f"effconv: warning: {warning}", err=True, fg="yellow")
+        weights_path, card_path = artifact.commit(result.card, result.order)
     if not quiet:
         card = result.card
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(result.skipped.values()).most_common())

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from effconv import __version__
@@ -33,6 +34,7 @@ from effconv.variants import detect_image_size, detect_variant, get_variant, pre
 
 CARD_FORMAT = "effconv-model-card/1"
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
+Sink = Callable[[str, torch.Tensor], None]  # (name, tensor valid during the call only)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Batch-norm running statistics stay float32 in every dtype: a variance of 1e-5 is 0 in float16.
 FLOAT32_SUFFIXES = (".running_mean", ".running_var")
@@ -40,12 +42,13 @@ FLOAT32_SUFFIXES = (".running_mean", ".running_var")
 
 @dataclass
 class Conversion:
-    """The converted tensors, the model card and the figures of the run."""
+    """The converted tensors (empty when they went to a sink), the model card and the figures of the run."""
 
     state_dict: dict[str, torch.Tensor]
     card: dict
     layout: CheckpointLayout | KerasLayout  # what the source holds
     choice: EmaChoice
+    order: list[str]  # the state dict's names, in the model's order
     skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -181,14 +184,28 @@ def _resolve_variant(variant: str | None, origin: Path, warnings: list[str], ker
     return "standard", "default"
 
 
-def cast_state(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating tensors in `dtype`, except the BN running statistics (float32) and counters."""
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    target = DTYPES[dtype]
-    return {
-        k: v.to(target) if v.is_floating_point() and not k.endswith(FLOAT32_SUFFIXES) else v for k, v in state.items()
-    }
+class _Scratch:
+    """Two reused buffers: one the source tensor is read into, one it is transposed into.
+
+    Fresh memory for every tensor costs a page fault per 4 kB (the first touch of each page);
+    reused buffers cost that once.
+    """
+
+    def __init__(self, nbytes: int):
+        self.raw = np.empty(nbytes, dtype=np.uint8)
+        self.moved = np.empty(nbytes, dtype=np.uint8)
+
+    def read(self, reader, key: str) -> np.ndarray:
+        if isinstance(reader, TensorBundleReader):
+            return reader.read(key, out=self.raw)
+        return reader.read(key)  # Keras .h5: h5py allocates
+
+    def transform(self, transform: str, array: np.ndarray) -> np.ndarray:
+        shape = transforms.target_shape(transform, array.shape)
+        if transform == "copy" or shape is None:
+            return transforms.apply(transform, array)
+        out = self.moved[: array.nbytes].view(array.dtype).reshape(shape)
+        return transforms.apply(transform, array, out=out)
 
 
 def convert_checkpoint(
@@ -202,10 +219,15 @@ def convert_checkpoint(
     layout: str = "native",
     dtype: str = "float32",
     progress: ProgressFn | None = None,
+    sink: Sink | None = None,
 ) -> Conversion:
     """Read the checkpoint at `src` (TF dir, prefix, .index, tarball, or Keras .h5) into a state dict.
 
-    The state dict has `layout`'s names (native: effconv's own model) and `dtype`.
+    The state dict has `layout`'s names (native: effconv's own model) and `dtype`. With a
+    `sink`, each tensor goes to `sink(name, tensor)` as soon as it is converted, in the source's
+    file order, and `Conversion.state_dict` stays empty: the tensor's memory is reused after the
+    call returns, so the sink writes or copies it (`ArtifactWriter.add` does). `Conversion.order`
+    gives the model's order of the names.
     """
     from effconv.hashing import hash_in_background
 
@@ -232,22 +254,30 @@ def convert_checkpoint(
             {k: v for k, v in target_shapes.items() if k not in counters},
         )
         names = engine.layout_names(table, found.arch, found.num_classes)
+        order = [names[k] for k in target_shapes]
         # Read in file order: one sequential pass over each shard.
         infos = {m.target: reader.info(choice.source_of[m.source]) for m in plan}
         _check_float_weights(infos.values(), source.origin)
         ordered = sorted(plan, key=lambda m: (infos[m.target].shard, infos[m.target].offset))
-        total = sum(info.nbytes for info in infos.values())
-        done = 0
         state: dict[str, torch.Tensor] = {}
+        if sink is None:
+            sink = lambda name, tensor: state.__setitem__(name, tensor.clone())  # noqa: E731
+        target_dtype = DTYPES[dtype]
+        total, done = sum(info.nbytes for info in infos.values()), 0
+        scratch = _Scratch(max((info.nbytes for info in infos.values()), default=0))
         for m in ordered:
-            array = reader.read(choice.source_of[m.source])
-            state[m.target] = torch.from_numpy(transforms.apply(m.transform, array))
+            array = scratch.read(reader, choice.source_of[m.source])
+            tensor = torch.from_numpy(scratch.transform(m.transform, array))
+            if tensor.is_floating_point() and not m.target.endswith(FLOAT32_SUFFIXES):
+                tensor = tensor.to(target_dtype)
+            sink(names[m.target], tensor)
             done += array.nbytes
             if progress:
                 progress(done, total)
         for k in counters:
-            state[k] = torch.zeros((), dtype=torch.long)
-        state = engine.rename(cast_state({k: state[k] for k in target_shapes}, dtype), names)
+            sink(names[k], torch.zeros((), dtype=torch.long))
+        if state:
+            state = {name: state[name] for name in order}
         skipped = _skip_reasons(keys, {choice.source_of[m.source] for m in plan}, choice, planned.table)
         var_name, var_source = _resolve_variant(variant, source.origin, warnings, planned.mean_std)
         size = image_size or detect_image_size(found.arch, source.origin)
@@ -287,4 +317,4 @@ def convert_checkpoint(
             card[table.name] = CARD_SECTIONS[table.name](card)
     if choice.used == "mixed":
         warnings.append(f"{len(choice.mixed)} variables use the other copy than asked (--allow-mixed)")
-    return Conversion(state, card, found, choice, skipped, warnings, time.perf_counter() - start)
+    return Conversion(state, card, found, choice, order, skipped, warnings, time.perf_counter() - start)

@@ -13,12 +13,15 @@ PERMUTATIONS: dict[str, tuple[int, ...] | None] = {
 }
 
 
-def apply(transform: str, array: np.ndarray) -> np.ndarray:
-    """The PyTorch-layout copy of `array` (C-contiguous)."""
+def apply(transform: str, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The PyTorch-layout copy of `array` (C-contiguous), written into `out` when given."""
     perm = PERMUTATIONS[transform]
     if perm is None:
         return array
-    return np.ascontiguousarray(array.transpose(perm))
+    if out is None:
+        return np.ascontiguousarray(array.transpose(perm))
+    np.copyto(out, array.transpose(perm))
+    return out
 
 
 def target_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:

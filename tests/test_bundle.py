@@ -458,3 +458,17 @@ def test_index_or_shard_that_is_not_a_regular_file(copy_of_small, tmp_path):
     os.mkfifo(tmp_path / "fifo.index")
     with pytest.raises(CheckpointError, match="checkpoint index .*fifo.index is not a regular file"):
         TensorBundleReader(tmp_path / "fifo")
+
+
+def test_read_into_a_reused_buffer(fixture_ckpt):
+    with TensorBundleReader(fixture_ckpt / "model.ckpt") as reader:
+        biggest = max(info.size for info in reader.infos() if not info.unsupported)
+        scratch = np.full(biggest + 7, 0xAB, dtype=np.uint8)
+        for name in reader.keys():
+            got = reader.read(name, out=scratch)
+            assert np.shares_memory(got, scratch) or got.size == 0
+            np.testing.assert_array_equal(got, reader.read(name))
+        with pytest.raises(UsageError, match="at least"):
+            reader.read(max(reader.keys(), key=lambda n: reader.info(n).size), out=scratch[:16])
+        with pytest.raises(UsageError, match="uint8"):
+            reader.read("global_step", out=np.zeros(64, dtype=np.float32))

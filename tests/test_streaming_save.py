@@ -73,3 +73,60 @@ def test_refuses_duplicates_and_an_incomplete_order(tmp_path):
     with pytest.raises(UsageError):
         w.close(["b"])
     w.close()
+
+
+# A write that fails (a 1 MB file-size limit standing in for a full disk) while adding a
+# tensor, or while closing: torch's zip writer would end the process from its destructor
+# (std::terminate) unless the writer is abandoned properly. The child must raise, go on, exit 0.
+FAILING_WRITE = r"""
+import gc, resource, signal, sys, torch
+from effconv.streaming_save import StreamingStateDictWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+sizes = {"add": [100_000] * 4, "close": [(2**20 - 256) // 4]}[sys.argv[2]]
+try:
+    with StreamingStateDictWriter(sys.argv[1]) as w:
+        for i, n in enumerate(sizes):
+            w.add(f"t{i}", torch.ones(n))
+        print("added all", flush=True)
+    print("closed")
+except RuntimeError:
+    print("failed", flush=True)
+del w
+gc.collect()
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("where", ["add", "close"])
+def test_a_failed_write_raises_and_the_process_lives_on(tmp_path, where):
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.pth"
+    done = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(path), where], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = ["failed", "alive"] if where == "add" else ["added all", "failed", "alive"]
+    assert done.stdout.split("\n")[:-1] == expected, done.stdout + done.stderr[-2000:]
+
+
+def test_wrapped_state_dict_with_meta(tmp_path):
+    path = tmp_path / "w.pth"
+    with StreamingStateDictWriter(path) as w:
+        w.add("a", torch.ones(3))
+        w.close(wrap_key="state_dict", meta={"arch": "b0", "sizes": [1, 2], "none": None})
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["meta"] == {"arch": "b0", "sizes": [1, 2], "none": None}
+    assert list(loaded) == ["state_dict", "meta"] and torch.equal(loaded["state_dict"]["a"], torch.ones(3))
+
+
+def test_nothing_can_be_added_after_close_or_abort(tmp_path):
+    w = StreamingStateDictWriter(tmp_path / "x.pth")
+    w.close()
+    with pytest.raises(UsageError):
+        w.add("a", torch.ones(1))
+    w = StreamingStateDictWriter(tmp_path / "y.pth")
+    w.abort()
+    w.abort()  # twice is harmless
+    with pytest.raises(UsageError):
+        w.add("a", torch.ones(1))
