@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,51 @@ class _Scratch:
         return transforms.apply(transform, array, out=out)
 
 
+class _Pipeline:
+    """Read and transpose on the calling thread while one worker thread hands tensors to the sink.
+
+    Writing (CRC-32 and the copy into the page cache) takes about as long as reading,
+    checking and transposing; the two overlap. Each tensor lives in one of a few
+    `_Scratch` slots, taken again only after the sink has returned for it. The sink
+    sees tensors in the order submitted; its first error is raised here.
+    """
+
+    SLOTS = 3
+
+    def __init__(self, sink: Sink, nbytes: int):
+        self._sink = sink
+        self._slots = [_Scratch(nbytes) for _ in range(self.SLOTS)]
+        self._pending: list[Future | None] = [None] * self.SLOTS
+        self._next = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effconv-write")
+
+    def free_slot(self) -> _Scratch:
+        """The next slot, once the sink is done with what it last held."""
+        k = self._next
+        if self._pending[k] is not None:
+            self._pending[k].result()
+            self._pending[k] = None
+        return self._slots[k]
+
+    def submit(self, name: str, tensor: torch.Tensor) -> None:
+        """Hand `tensor` (in the slot `free_slot` gave) to the sink."""
+        self._pending[self._next] = self._pool.submit(self._sink, name, tensor)
+        self._next = (self._next + 1) % self.SLOTS
+
+    def __enter__(self) -> _Pipeline:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:  # wait for every write, in order, and raise the first failure
+                for k in range(self.SLOTS):
+                    future = self._pending[(self._next + k) % self.SLOTS]
+                    if future is not None:
+                        future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def convert_checkpoint(
     src: str | os.PathLike,
     *,
@@ -264,16 +310,17 @@ def convert_checkpoint(
             sink = lambda name, tensor: state.__setitem__(name, tensor.clone())  # noqa: E731
         target_dtype = DTYPES[dtype]
         total, done = sum(info.nbytes for info in infos.values()), 0
-        scratch = _Scratch(max((info.nbytes for info in infos.values()), default=0))
-        for m in ordered:
-            array = scratch.read(reader, choice.source_of[m.source])
-            tensor = torch.from_numpy(scratch.transform(m.transform, array))
-            if tensor.is_floating_point() and not m.target.endswith(FLOAT32_SUFFIXES):
-                tensor = tensor.to(target_dtype)
-            sink(names[m.target], tensor)
-            done += array.nbytes
-            if progress:
-                progress(done, total)
+        with _Pipeline(sink, max((info.nbytes for info in infos.values()), default=0)) as pipeline:
+            for m in ordered:
+                slot = pipeline.free_slot()
+                array = slot.read(reader, choice.source_of[m.source])
+                tensor = torch.from_numpy(slot.transform(m.transform, array))
+                if tensor.is_floating_point() and not m.target.endswith(FLOAT32_SUFFIXES):
+                    tensor = tensor.to(target_dtype)
+                pipeline.submit(names[m.target], tensor)
+                done += array.nbytes
+                if progress:
+                    progress(done, total)
         for k in counters:
             sink(names[k], torch.zeros((), dtype=torch.long))
         if state:

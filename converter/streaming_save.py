@@ -5,9 +5,16 @@ L2-sized conversion that is 1.8 GB of freshly allocated (page-faulted, zeroed)
 memory on top of the source being read, and a second pass over it to write.
 `StreamingStateDictWriter` writes each tensor's bytes into the zip archive as
 soon as it is made (the caller can reuse one scratch buffer for every
-transpose), then the pickle that names them, last. The file is the one
-torch.save would write (same records, 64-byte aligned storages, zip CRCs),
-so `torch.load(path, weights_only=True)` (mmap or not) reads it unchanged.
+transpose), then the pickle that names them, last. The file holds the records
+torch.save writes (data.pkl, data/N storages 64-byte aligned, byteorder,
+version, ...), so `torch.load(path, weights_only=True)` (mmap or not) reads it
+unchanged.
+
+The zip container is written by `effconv.zipstore` rather than torch's own
+writer: its CRC-32 (ISA-L) is ~15x faster than the one torch's bundled miniz
+computes, and a failed write (a full disk) is an ordinary OSError instead of a
+C++ exception that torch's writer raises again from its destructor, ending
+the process.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ import contextlib
 import io
 import os
 import pickle
+import secrets
 import sys
 from collections import OrderedDict
 
 import torch
 
 from effconv.errors import UsageError
+from effconv.zipstore import StoredZipWriter
 
 # dtype -> the storage class name torch's unpickler (weights_only included) rebuilds it with
 STORAGE_TYPES: dict[torch.dtype, str] = {
@@ -36,6 +45,9 @@ STORAGE_TYPES: dict[torch.dtype, str] = {
     torch.bool: "BoolStorage",
 }
 STORAGE_ALIGNMENT = 64  # torch.save's default
+WRITEBACK_CHUNK = 64 << 20  # start the disk writing every 64 MB written
+ARCHIVE = "archive"  # the folder every record sits in (torch.save's name for file objects)
+FORMAT_VERSION = "3\n"  # the `version` record torch.save writes
 
 
 class _Storage:
@@ -81,11 +93,43 @@ class StreamingStateDictWriter:
     `effconv.artifact` does).
     """
 
-    def __init__(self, path: str | os.PathLike, compute_crc32: bool = True):
-        self._zip = torch._C.PyTorchFileWriter(str(path), compute_crc32, STORAGE_ALIGNMENT)
+    def __init__(self, path: str | os.PathLike):
+        # Not open(path, "wb"): truncating an existing file (the empty temporary effconv.artifact
+        # made) makes ext4 flush the whole file to disk when it is closed (auto_da_alloc).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        self._file = open(fd, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._zip = StoredZipWriter(self._file, STORAGE_ALIGNMENT)
         self._tensors: dict[str, _Tensor] = {}
-        self._closed = False  # no more records
-        self._finished = False  # write_end_of_file called (once is all torch allows)
+        self._closed = False
+        self._dropped = self._flushed = 0  # bytes dropped from memory, and handed to the disk (_start_writeback)
+
+    def _record(self, name: str, data) -> None:
+        self._zip.add(f"{ARCHIVE}/{name}", data)
+        if self._zip.offset - self._flushed >= WRITEBACK_CHUNK:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing what is written so far to disk, and drop what is already on disk from memory.
+
+        Called every WRITEBACK_CHUNK bytes. POSIX_FADV_DONTNEED starts the writeback of the
+        newest chunk without waiting (the caller's final fsync, before its rename, then
+        waits for the last chunk only: ~0.8 s less at L2 size) and drops the pages of the
+        chunk before it, written out by now. Those pages are reused for the next chunks:
+        a conversion never fills the page cache with a copy of its output (the RAM stays
+        for the source and other work), and on a virtual machine reused pages are much
+        cheaper to write into than memory not touched in a while.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        self._file.flush()
+        end = self._zip.offset
+        with contextlib.suppress(OSError):
+            fd = self._file.fileno()
+            os.posix_fadvise(fd, self._dropped, self._flushed - self._dropped, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, self._flushed, end - self._flushed, os.POSIX_FADV_DONTNEED)
+        self._dropped, self._flushed = self._flushed, end
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write `tensor`'s bytes now; the caller may reuse its memory as soon as this returns."""
@@ -96,19 +140,17 @@ class StreamingStateDictWriter:
         if tensor.dtype not in STORAGE_TYPES:
             raise UsageError(f"cannot stream a {tensor.dtype} tensor ({name!r})")
         tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage()
-        if tensor.storage_offset() or storage.nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()  # a view into a larger buffer: write only its own bytes
-            storage = tensor.untyped_storage()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()  # its own bytes, even as a view into more
         key = str(len(self._tensors))
         try:
-            self._zip.write_record(f"data/{key}", storage, storage.nbytes())
+            self._record(f"data/{key}", data)
         except BaseException:
             self.abort()
             raise
         self._tensors[name] = _Tensor(_Storage(key, tensor.dtype, tensor.numel()), tuple(tensor.shape))
 
     def close(self, order: list[str] | None = None, wrap_key: str | None = None, meta: object = None) -> None:
+        """Write the pickle naming the tensors (in `order`), the small records and the zip directory."""
         if self._closed:
             return
         names = list(self._tensors) if order is None else list(order)
@@ -117,31 +159,30 @@ class StreamingStateDictWriter:
         state = {name: self._tensors[name] for name in names}
         buffer = io.BytesIO()
         _Pickler(buffer, protocol=2).dump({wrap_key: state, "meta": meta} if wrap_key else state)
-        data = buffer.getvalue()
+        serialization_id = f"{secrets.randbits(64):020d}{secrets.randbits(64):020d}"
+        records = {
+            "data.pkl": buffer.getvalue(),
+            ".format_version": b"1",
+            ".storage_alignment": str(STORAGE_ALIGNMENT).encode(),
+            "byteorder": sys.byteorder.encode(),
+            "version": FORMAT_VERSION.encode(),
+            ".data/serialization_id": serialization_id.encode(),
+        }
         try:
-            self._zip.write_record("data.pkl", data, len(data))
-            for record, text in ((".format_version", "1"), (".storage_alignment", str(STORAGE_ALIGNMENT))):
-                self._zip.write_record(record, text, len(text))
-            self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-            self._closed = self._finished = True
-            self._zip.write_end_of_file()
+            for name, data in records.items():
+                self._record(name, data)
+            self._closed = True
+            self._zip.close()
+            self._file.close()
         except BaseException:
             self.abort()
             raise
 
     def abort(self) -> None:
-        """Give up on the file (its content is undefined) without raising.
-
-        torch's zip writer finishes the archive in its destructor when nobody did; if writing
-        failed (a full disk), that second failure inside a destructor ends the whole process.
-        One explicit, failed `write_end_of_file` marks the writer finished, so the destructor
-        does nothing.
-        """
+        """Give up on the file (its content is undefined) without raising."""
         self._closed = True
-        if not self._finished:
-            self._finished = True
-            with contextlib.suppress(Exception):
-                self._zip.write_end_of_file()
+        with contextlib.suppress(Exception):  # the file is being abandoned; the first error was raised
+            self._file.close()
 
     def __enter__(self) -> StreamingStateDictWriter:
         return self

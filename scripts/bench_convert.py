@@ -100,6 +100,13 @@ with open(sys.argv[1], "rb", buffering=0) as src, open(sys.argv[2], "wb", buffer
 
 IMPORT_TORCH = "import torch"
 
+# Touches (then frees) N bytes of memory, so that the next process finds that much free memory
+# ready for use. On a virtual machine, memory the guest has not touched lately can cost ~10x
+# more on first touch (the host backs it lazily): without this, whichever process runs right
+# after the TensorFlow route (which touches 4.5 GB at L2 size) would write its output far
+# faster than the others, and in a fixed rotation that is always the same contender.
+WARM_MEMORY = "import sys; b = bytearray(b'\\x01') * int(sys.argv[1])"
+
 
 class Run(NamedTuple):
     wall: float  # seconds
@@ -107,8 +114,17 @@ class Run(NamedTuple):
     rss: float  # peak RSS, MB
 
 
-def measure(cmd: list[str]) -> Run:
-    """Wall and CPU seconds and peak RSS of one whole process, started by the launcher."""
+def warm_memory(nbytes: int) -> None:
+    subprocess.run([PY, "-c", WARM_MEMORY, str(nbytes)], check=True)
+
+
+def measure(cmd: list[str], warm_bytes: int = 0) -> Run:
+    """Wall and CPU seconds and peak RSS of one whole process, started by the launcher.
+
+    With `warm_bytes`, that much free memory is touched first (see WARM_MEMORY).
+    """
+    if warm_bytes:
+        warm_memory(warm_bytes)
     line = subprocess.run([PY, "-c", LAUNCHER, *cmd], check=True, capture_output=True, text=True).stdout
     report = json.loads(line)
     if report["status"] != 0:
@@ -145,6 +161,8 @@ def bench_size(size: Size, work: Path, runs: int) -> dict:
         "tensorflow": ([PY, "-c", TF_ROUTE, str(ckpt / "model.ckpt"), str(out / "tf.pth")], out / "tf.pth"),
         "floor": ([PY, "-c", FLOOR, str(data), str(out / "floor.bin"), str(out_size)], out / "floor.bin"),
     }
+    # Enough for the hungriest contender (the TensorFlow route holds ~2.4x the checkpoint) and its output.
+    warm_bytes = int(2.5 * data.stat().st_size) + out_size
     names = list(contenders)
     results: dict[str, list[Run]] = {k: [] for k in names}
     loads = []
@@ -154,7 +172,7 @@ def bench_size(size: Size, work: Path, runs: int) -> dict:
         for name in order:
             cmd, written = contenders[name]
             written.unlink(missing_ok=True)  # every process writes a new file (replacing one costs more)
-            results[name].append(measure(cmd))
+            results[name].append(measure(cmd, warm_bytes))
         row = ", ".join(f"{k} {v[-1].wall:.2f}s/{v[-1].cpu:.2f}s cpu/{v[-1].rss:.0f}MB" for k, v in results.items())
         print(f"  run {i + 1}/{runs} ({load_average()}): {row}", flush=True)
     for f in out.iterdir():  # the next size needs the disk and page cache more

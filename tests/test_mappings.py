@@ -91,3 +91,25 @@ def test_unused_variables_get_reasons():
         "a/kernel/RMSProp_1": "optimizer slot",
         "odd": "unknown variable",
     }
+
+
+@pytest.mark.parametrize(
+    "transform, shape",
+    [
+        ("conv", (1, 1, 300, 700)),  # tiled, ragged last tiles
+        ("conv", (1, 1, 257, 1000)),
+        ("dense", (1000, 300)),
+        ("dense", (257, 257)),
+        ("conv", (3, 3, 300, 400)),  # not a matrix transpose: one strided copy
+        ("depthwise", (5, 5, 600, 1)),
+        ("conv", (1, 1, 3, 5)),
+    ],
+)
+def test_layout_transposes_equal_numpy_into_fresh_or_given_memory(transform, shape):
+    a = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    expected = np.ascontiguousarray(a.transpose(transforms.PERMUTATIONS[transform]))
+    fresh = transforms.apply(transform, a)
+    given = np.full(expected.shape, np.nan, dtype=np.float32)
+    assert transforms.apply(transform, a, out=given) is given
+    for got in (fresh, given):
+        assert got.flags.c_contiguous and np.array_equal(got, expected)
