@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -154,17 +156,34 @@ class EfficientNet(nn.Module):
         return self
 
 
-def create_model(arch: str, num_classes: int = 1000, input_size: int | tuple[int, int] | None = None) -> EfficientNet:
+def create_model(
+    arch: str,
+    num_classes: int = 1000,
+    input_size: int | tuple[int, int] | None = None,
+    channels_last: bool = True,
+) -> EfficientNet:
     """A randomly initialised EfficientNet of `arch` (b0..b8, l2), in eval mode.
 
     `input_size` fixes the padding for that input size (`EfficientNet.set_input_size`); any size still works.
+    `channels_last` (default) stores the convolution weights channels-last, so that every
+    convolution runs channels-last whatever the input's layout (NCHW input is fine): 1.2-1.7x
+    faster on CPU (scripts/bench_inference.py), logits equal to the NCHW model's to float32 rounding
+    (summation order; ~1e-6 relative).
+    Outputs and features have the usual NCHW shapes; their strides are channels-last.
     """
-    return EfficientNet(arch, num_classes).set_input_size(input_size).eval()
+    model = EfficientNet(arch, num_classes).set_input_size(input_size).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def model_tensor_shapes(arch: str, num_classes: int) -> tuple[dict[str, tuple[int, ...]], int]:
     """Shapes of the native model's state dict and its parameter count, without allocating it."""
-    with torch.device("meta"):
+    shapes, params = _tensor_shapes(arch, num_classes)
+    return dict(shapes), params
+
+
+@functools.lru_cache(maxsize=16)
+def _tensor_shapes(arch: str, num_classes: int) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
+    with torch.device("meta"):  # building b7's modules takes ~0.1 s: done once per arch
         model = EfficientNet(arch, num_classes)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
     return shapes, sum(p.numel() for p in model.parameters())

@@ -6,13 +6,15 @@ ONNX column when installed.
 
 For each arch, batch and input size (the native one and an odd one), in one process
 and with the same thread count for all:
-  timm          timm's model as created (NCHW, 'same' padding worked out on every call)
-  ours          effconv's model as created (NCHW, padding worked out on every call)
-  ours-static   effconv's model after `set_input_size(S)` (padding worked out once)
-  timm-cl       timm's model in channels_last
-  ours-cl       ours-static in channels_last
-  onnxruntime   `effconv export` of the same model at that size (skipped without onnxruntime)
-  (--compile adds torch.compile of timm-cl and ours-cl.)
+  timm            timm's model as created (NCHW, 'same' padding worked out on every call)
+  ours            effconv's model as created (channels-last weights, padding worked out on every call)
+  ours-static     ours after `set_input_size(S)` (padding worked out once)
+  ours-nchw       ours with torch's default layout (`create_model(..., channels_last=False)`)
+  timm-cl         timm's model in channels_last
+  ours-static-cl  ours-static given a channels_last input (no layout change of the input)
+  onnxruntime     `effconv export` of the same model at that size (skipped without onnxruntime)
+  (--compile adds torch.compile of timm-cl and ours-static-cl.)
+All of them are fed the same NCHW batch, except the -cl ones (the batch in channels_last).
 Both models get the same random weights (BN statistics far from identity), loaded
 into timm through effconv's timm layout names; every PyTorch variant must give
 timm's logits within 1e-5 (max abs), onnxruntime within 1e-4, or the script fails.
@@ -94,19 +96,21 @@ def onnx_session(model, size: int, threads: int, workdir: Path):
 def variants(ours, theirs, size: int, threads: int, workdir: Path, compile_: bool) -> dict:
     """name -> (callable, wants channels_last input)."""
     static = copy.deepcopy(ours).set_input_size(size)
+    nchw = copy.deepcopy(ours).to(memory_format=torch.contiguous_format)
     out = {
         "timm": (theirs, False),
         "ours": (ours, False),
         "ours-static": (static, False),
+        "ours-nchw": (nchw, False),
         "timm-cl": (channels_last(theirs), True),
-        "ours-cl": (channels_last(static), True),
+        "ours-static-cl": (static, True),
     }
-    session = onnx_session(ours, size, threads, workdir)
+    session = onnx_session(nchw, size, threads, workdir)
     if session is not None:
         out["onnxruntime"] = (session, False)
     if compile_:
         out["timm-cl-compiled"] = (torch.compile(out["timm-cl"][0]), True)
-        out["ours-cl-compiled"] = (torch.compile(out["ours-cl"][0]), True)
+        out["ours-static-cl-compiled"] = (torch.compile(copy.deepcopy(static)), True)
     return out
 
 

@@ -170,3 +170,12 @@ def test_load_refuses_weights_that_do_not_fit_the_card(converted, tmp_path):
     out.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(UsageError, match="10 classes"):
         load(out)
+
+
+def test_load_channels_last_or_not_gives_the_same_logits(converted, oracle):
+    fast, plain = load(converted[0]), load(converted[0], channels_last=False)
+    assert fast.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.stem.conv.weight.is_contiguous()
+    with torch.no_grad():
+        a, b = fast(nchw(oracle["x"])), plain(nchw(oracle["x"]))
+    assert max_abs(a.numpy(), b.numpy()) <= 5e-5 and max_abs(b.numpy(), oracle["logits_ema"]) <= 1e-4  # |logits| <= 30

@@ -159,3 +159,20 @@ def test_training_step_runs_with_inplace_activations():
     x = torch.randn(2, 3, 33, 33)
     model(x).sum().backward()
     assert model.stem.conv.weight.grad is not None and torch.isfinite(model.stem.conv.weight.grad).all()
+
+
+@pytest.mark.parametrize("size", [224, 225, 97])
+def test_channels_last_by_default_and_equal_to_the_nchw_model(size):
+    fast = create_model("b0", num_classes=10)
+    assert fast.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fast.stem.conv.weight.is_contiguous()
+    plain = create_model("b0", num_classes=10, channels_last=False)
+    assert plain.stem.conv.weight.is_contiguous()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        a, b = fast(x), plain(x)
+        feats_fast, feats_plain = fast.extract_feat(x), plain.extract_feat(x)
+    assert a.shape == b.shape == (2, 10) and (a - b).abs().max() <= 1e-5
+    assert feats_fast[1].is_contiguous(memory_format=torch.channels_last)  # NCHW shapes, NHWC strides
+    assert all(f.shape == g.shape and (f - g).abs().max() <= 1e-4 for f, g in zip(feats_fast, feats_plain, strict=True))
