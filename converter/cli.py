@@ -158,12 +158,15 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
 
     --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
     """
+    from effconv import hashing, source
+    from effconv.download import resolve_source
+
+    src, variant, image_size = resolve_source(src, variant, image_size, dest)
+    hashing.prefetch(source.local_checkpoint_files(src))  # the sha256s for the card, while torch imports
     with _heavy_imports():
         from effconv.artifact import ArtifactWriter
         from effconv.convert import convert_checkpoint
-        from effconv.download import resolve_source
 
-    src, variant, image_size = resolve_source(src, variant, image_size, dest)
     with ArtifactWriter(out, force) as artifact:  # checks the output before any work
         bar, update = _progress_bar("converting") if not quiet else (None, None)
         try:

@@ -67,6 +67,20 @@ def resolve_checkpoint(src: str | os.PathLike, *, max_extract_bytes: int | None 
     yield CheckpointFiles(prefix, _checkpoint_files(prefix), origin)
 
 
+def local_checkpoint_files(src: str | os.PathLike) -> tuple[Path, ...]:
+    """The index and data files of the unpacked checkpoint `src`; () for a tarball or anything unresolvable.
+
+    Cheap and quiet: `resolve_checkpoint` gives the real answer, and the errors.
+    """
+    origin = Path(src).expanduser()
+    try:
+        if _is_tarball(origin):
+            return ()
+        return _checkpoint_files(_find_prefix(origin))
+    except (CheckpointError, OSError, tarfile.TarError, ValueError):
+        return ()
+
+
 def extract_checkpoint(
     tar_path: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_EXTRACT_BYTES
 ) -> Path:

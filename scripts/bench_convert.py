@@ -121,10 +121,12 @@ def warm_memory(nbytes: int) -> None:
 def measure(cmd: list[str], warm_bytes: int = 0) -> Run:
     """Wall and CPU seconds and peak RSS of one whole process, started by the launcher.
 
-    With `warm_bytes`, that much free memory is touched first (see WARM_MEMORY).
+    With `warm_bytes`, that much free memory is touched first (see WARM_MEMORY). Every process
+    starts with nothing left to write out to disk (`sync`).
     """
     if warm_bytes:
         warm_memory(warm_bytes)
+    os.sync()  # no process inherits the disk writing of the one before (its output still being written out)
     line = subprocess.run([PY, "-c", LAUNCHER, *cmd], check=True, capture_output=True, text=True).stdout
     report = json.loads(line)
     if report["status"] != 0:

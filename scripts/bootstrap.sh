@@ -24,6 +24,7 @@ if [ ! -x .venv-timm/bin/python ]; then
 fi
 .venv-timm/bin/pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1" "timm>=1.0" \
   safetensors "mmpretrain==1.2.0" "mmengine==0.10.7" "mmcv-lite==2.2.0" numpy click google-crc32c isal tqdm pillow \
+  onnx onnxruntime onnxscript \
   2>&1 | grep -v "is ignored" || true
 .venv-timm/bin/pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
 .venv-timm/bin/python -c "import effconv, timm, torchvision, safetensors, mmpretrain.models" >/dev/null 2>&1 || {

@@ -102,3 +102,28 @@ def test_streamed_conversion_equals_the_in_memory_one(fixture_ckpt, tmp_path, dt
     assert in_memory.state_dict["blocks.0.dw_bn.running_var"].dtype == torch.float32
     expect = torch.float16 if dtype == "float16" else torch.float32
     assert in_memory.state_dict["stem.conv.weight"].dtype == expect
+
+
+def test_prefetched_hashes_are_reused_and_changed_files_hashed_again(tmp_path):
+    from effconv import hashing
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"y" * 10)
+    hashing.prefetch([a, b])
+    first = hashing.hash_in_background([a, b]).result()
+    assert first == {"a.bin": hashing.sha256_file(a), "b.bin": hashing.sha256_file(b)}
+    b.write_bytes(b"z" * 11)  # changed (size, mtime): its old hash must not be reused
+    second = hashing.hash_in_background([a, b]).result()
+    assert second["a.bin"] == first["a.bin"] and second["b.bin"] == hashing.sha256_file(b) != first["b.bin"]
+
+
+def test_local_checkpoint_files_are_what_the_conversion_hashes(fixture_ckpt, tmp_path):
+    from effconv.source import local_checkpoint_files
+
+    conversion = convert_checkpoint(fixture_ckpt, variant="standard")
+    files = local_checkpoint_files(fixture_ckpt)
+    assert sorted(p.name for p in files) == sorted(conversion.card["source"]["sha256"])
+    assert local_checkpoint_files(tmp_path / "missing") == ()
+    (tmp_path / "x.tar.gz").write_bytes(b"not really")
+    assert local_checkpoint_files(tmp_path / "x.tar.gz") == ()
