@@ -127,3 +127,16 @@ def test_local_checkpoint_files_are_what_the_conversion_hashes(fixture_ckpt, tmp
     assert local_checkpoint_files(tmp_path / "missing") == ()
     (tmp_path / "x.tar.gz").write_bytes(b"not really")
     assert local_checkpoint_files(tmp_path / "x.tar.gz") == ()
+
+
+def test_a_failing_sink_stops_the_conversion_with_its_error(fixture_ckpt):
+    seen: list[str] = []
+
+    def sink(name: str, tensor: torch.Tensor) -> None:
+        if len(seen) == 5:
+            raise OSError(28, "No space left on device")
+        seen.append(name)
+
+    with pytest.raises(OSError, match="No space left"):
+        convert_checkpoint(fixture_ckpt, variant="standard", sink=sink)
+    assert len(seen) == 5  # the tensors before the failure went through, in order
