@@ -202,10 +202,9 @@ class _Scratch:
         return reader.read(key)  # Keras .h5: h5py allocates
 
     def transform(self, transform: str, array: np.ndarray) -> np.ndarray:
-        shape = transforms.target_shape(transform, array.shape)
-        if transform == "copy" or shape is None:
-            return transforms.apply(transform, array)
-        out = self.moved[: array.nbytes].view(array.dtype).reshape(shape)
+        if transforms.PERMUTATIONS[transform] is None:
+            return array
+        out = self.moved[: array.nbytes].view(array.dtype).reshape(transforms.target_shape(transform, array.shape))
         return transforms.apply(transform, array, out=out)
 
 

@@ -36,7 +36,9 @@ def _key(path: Path) -> _FileKey:
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _start(paths: Sequence[Path], pool: ThreadPoolExecutor) -> list[Future[str]]:
+def _start(paths: Sequence[Path]) -> list[Future[str]]:
+    """A future per file: one already started for it while unchanged, else a new one."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effconv-sha256")
     futures = []
     with _lock:
         for path in paths:
@@ -45,14 +47,13 @@ def _start(paths: Sequence[Path], pool: ThreadPoolExecutor) -> list[Future[str]]
             if future is None or (future.done() and future.exception() is not None):
                 future = _started[key] = pool.submit(sha256_file, path)
             futures.append(future)
+    pool.shutdown(wait=False)
     return futures
 
 
 def prefetch(paths: Sequence[Path]) -> None:
     """Start hashing `paths` now, for a later `hash_in_background` of the same files."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effconv-sha256")
-    _start(paths, pool)
-    pool.shutdown(wait=False)
+    _start(paths)
 
 
 class Hashes:
@@ -67,7 +68,4 @@ class Hashes:
 
 def hash_in_background(paths: Sequence[Path]) -> Hashes:
     """Start hashing `paths` (or reuse a `prefetch` of the unchanged ones)."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="effconv-sha256")
-    futures = _start(paths, pool)
-    pool.shutdown(wait=False)
-    return Hashes(paths, futures)
+    return Hashes(paths, _start(paths))

@@ -9,7 +9,7 @@ import torch
 from effconv.artifact import card_path, read_card, read_weights
 from effconv.errors import UsageError
 from effconv.models import spec
-from effconv.models.efficientnet import EfficientNet
+from effconv.models.efficientnet import EfficientNet, create_model
 
 
 def card_model(card: dict, path: str | os.PathLike) -> tuple[str, int]:
@@ -46,7 +46,7 @@ def load(path: str | os.PathLike, channels_last: bool = True) -> EfficientNet:
     arch, num_classes = card_model(card, path)
     state = read_weights(path)
     _check_classes(state, arch, num_classes, path)
-    model = EfficientNet(arch, num_classes)
+    model = create_model(arch, num_classes, channels_last=channels_last)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -56,5 +56,4 @@ def load(path: str | os.PathLike, channels_last: bool = True) -> EfficientNet:
             f"{' '.join(first[1:3]) or first[0]}"
         ) from e
     model.card = card
-    model.eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model
