@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 
 
 _LAZY = {
-    "get_model": "effconv.model_zoo",
-    "inference_model": "effconv.inference",
+    "get_model": "effconv.zoo.model_zoo",
+    "inference_model": "effconv.zoo.inference",
 }
 
 

@@ -158,14 +158,15 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
 
     --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
     """
-    from effconv import hashing, source
-    from effconv.download import resolve_source
+    from effconv.formats import checkpoint_files as source
+    from effconv.output import hashing
+    from effconv.zoo.download import resolve_source
 
     src, variant, image_size = resolve_source(src, variant, image_size, dest)
     hashing.prefetch(source.local_checkpoint_files(src))  # the sha256s for the card, while torch imports
     with _heavy_imports():
-        from effconv.artifact import ArtifactWriter
         from effconv.convert import convert_checkpoint
+        from effconv.output.artifact import ArtifactWriter
 
     with ArtifactWriter(out, force) as artifact:  # checks the output before any work
         bar, update = _progress_bar("converting") if not quiet else (None, None)
@@ -231,7 +232,7 @@ def synth(arch, out, num_classes, ema_only, seed, force):
     if target.exists() and any(target.iterdir()) and not force:
         raise UsageError(f"output directory is not empty: {target} (use --force)")
     try:
-        from effconv.synth import write_synthetic_checkpoint
+        from effconv.parity.synth import write_synthetic_checkpoint
     except ImportError as e:
         raise UsageError(f"effconv synth needs TensorFlow ({e}); pip install 'effconv[tf]'") from e
     prefix = write_synthetic_checkpoint(
@@ -298,9 +299,9 @@ def verify(
 
     Exit code 0: parity within tolerance; 1: parity failure; 2: usage or input error.
     """
-    from effconv.reports import check_report_paths, to_markdown, write_reports
-    from effconv.verify import load_inputs
-    from effconv.verify import verify as run_verify
+    from effconv.parity.reports import check_report_paths, to_markdown, write_reports
+    from effconv.parity.verify import load_inputs
+    from effconv.parity.verify import verify as run_verify
 
     report_paths = check_report_paths(reports)
     batch_given = load_inputs(inputs) if inputs else None
@@ -353,7 +354,7 @@ def verify(
 @handles_errors
 def list_models(arch, variant, as_json):
     """The official checkpoints effconv knows: names, sizes and published ImageNet accuracy."""
-    from effconv import catalogue
+    from effconv.zoo import catalogue
 
     rows = catalogue.select(arch, variant)
     if as_json:
@@ -375,8 +376,8 @@ def list_models(arch, variant, as_json):
 @handles_errors
 def download(names, dest, base_url, extract, force, retries, quiet):
     """Download catalogue checkpoints (resumable, sha256-checked) and extract them safely."""
-    from effconv import catalogue
-    from effconv.download import download as fetch
+    from effconv.zoo import catalogue
+    from effconv.zoo.download import download as fetch
 
     entries = [catalogue.get_entry(name) for name in names]  # every name checked before any transfer
     for entry in entries:
@@ -400,8 +401,8 @@ def download(names, dest, base_url, extract, force, retries, quiet):
 @handles_errors
 def predict(weights, images, top_k, as_json):
     """Classify images, preprocessed exactly as the model card says (ImageNet class names for 1000 classes)."""
-    from effconv.inference import predict as run_predict
     from effconv.models.loading import load
+    from effconv.zoo.inference import predict as run_predict
 
     results = run_predict(load(weights), list(images), top_k=top_k)
     if as_json:
@@ -432,8 +433,8 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
     from tqdm import tqdm
 
     from effconv.errors import UsageError
-    from effconv.evaluation import evaluate
     from effconv.models.loading import load
+    from effconv.zoo.evaluation import evaluate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out or f"{Path(weights).stem}-eval.json")
@@ -484,7 +485,7 @@ def export(weights, onnx_path, input_size, atol, no_check, opset, force):
 
     Checked with onnxruntime against PyTorch unless --no-check; exit code 1 if they differ beyond --atol.
     """
-    from effconv.export import export_onnx
+    from effconv.output.export import export_onnx
 
     result = export_onnx(weights, onnx_path, input_size, force=force, check=not no_check, atol=atol, opset=opset)
     size, name = result.input_size, result.output_name

@@ -19,18 +19,18 @@ import numpy as np
 import torch
 
 from effconv import __version__
-from effconv.bundle import TensorBundleReader
-from effconv.detect import CheckpointLayout, detect_layout
 from effconv.ema_policy import EmaChoice, choose_weights
 from effconv.errors import CheckpointError, MappingError, UsageError
-from effconv.keras_h5 import is_keras_source
-from effconv.keras_source import KerasLayout
+from effconv.formats.bundle import TensorBundleReader
+from effconv.formats.checkpoint_files import resolve_checkpoint
+from effconv.formats.keras import KerasLayout
+from effconv.formats.keras_h5 import is_keras_source
+from effconv.formats.tf_checkpoint import CheckpointLayout, detect_layout
 from effconv.mappings import engine, keras, official, transforms
 from effconv.mappings.layouts import CARD_SECTIONS, get_layout
 from effconv.mappings.official import EMA_SUFFIX
 from effconv.models import spec
 from effconv.models.efficientnet import model_tensor_shapes
-from effconv.source import resolve_checkpoint
 from effconv.variants import detect_image_size, detect_variant, get_variant, preprocessing
 
 CARD_FORMAT = "effconv-model-card/1"
@@ -79,7 +79,7 @@ def open_source(src: str | os.PathLike) -> Iterator[_Source]:
             "(Keras applications' efficientnetbN.h5, save_weights('x.h5') in Keras 2, model.save('x.h5'))"
         )
     if is_keras_source(path):
-        from effconv.keras_h5 import KerasH5Reader
+        from effconv.formats.keras_h5 import KerasH5Reader
 
         with KerasH5Reader(path) as reader:
             yield _Source(reader, (path,), path, "keras-h5")
@@ -133,7 +133,7 @@ def _plan_official(source: _Source, shapes, arch, weights, allow_mixed) -> _Plan
 
 
 def _plan_keras(source: _Source, shapes, arch, weights) -> _Plan:
-    from effconv.keras_source import detect_keras_layout, keras_input_normalization
+    from effconv.formats.keras import detect_keras_layout, keras_input_normalization
 
     if weights != "auto":
         raise UsageError(f"--weights {weights} applies to TF checkpoints; a Keras file holds one copy of each weight")
@@ -274,7 +274,7 @@ def convert_checkpoint(
     call returns, so the sink writes or copies it (`ArtifactWriter.add` does). `Conversion.order`
     gives the model's order of the names.
     """
-    from effconv.hashing import hash_in_background
+    from effconv.output.hashing import hash_in_background
 
     start = time.perf_counter()
     warnings: list[str] = []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from effconv.bundle import TensorBundleReader
-from effconv.detect import detect_layout
 from effconv.errors import EffconvError
-from effconv.keras_h5 import is_keras_source
+from effconv.formats.bundle import TensorBundleReader
+from effconv.formats.checkpoint_files import resolve_checkpoint
+from effconv.formats.keras_h5 import is_keras_source
+from effconv.formats.tf_checkpoint import detect_layout
 from effconv.mappings import engine, keras
 from effconv.mappings.official import EMA_SUFFIX
-from effconv.source import resolve_checkpoint
 
 
 def inspect_checkpoint(src: str | os.PathLike) -> dict:
@@ -71,8 +71,8 @@ def inspect_keras(src: str | os.PathLike) -> dict:
     """The Keras .h5 counterpart of `inspect_checkpoint` (reads only the normalisation weights)."""
     from pathlib import Path
 
-    from effconv.keras_h5 import KerasH5Reader
-    from effconv.keras_source import detect_keras_layout, keras_input_normalization
+    from effconv.formats.keras import detect_keras_layout, keras_input_normalization
+    from effconv.formats.keras_h5 import KerasH5Reader
 
     path = Path(src).expanduser()
     with KerasH5Reader(path) as reader:

@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from effconv.artifact import card_path, read_card, read_weights
 from effconv.errors import UsageError
 from effconv.models import spec
 from effconv.models.efficientnet import EfficientNet, create_model
+from effconv.output.artifact import card_path, read_card, read_weights
 
 
 def card_model(card: dict, path: str | os.PathLike) -> tuple[str, int]:

@@ -49,7 +49,7 @@ SIZES = {"b7": Size("b7", ema_only=False), "l2": Size("l2", ema_only=True)}
 # Writes the official-format checkpoint, in its own process (TensorFlow, GBs of arrays).
 GENERATE = r"""
 import sys
-from effconv.synth import write_synthetic_checkpoint
+from effconv.parity.synth import write_synthetic_checkpoint
 write_synthetic_checkpoint(sys.argv[1], sys.argv[2], ema_only=sys.argv[3] == "1", calibrate=False, seed=1)
 """
 

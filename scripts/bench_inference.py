@@ -80,7 +80,7 @@ def onnx_session(model, size: int, threads: int, workdir: Path):
     try:
         import onnxruntime as ort
 
-        from effconv.export import export_model
+        from effconv.output.export import export_model
     except ImportError:
         return None
     path = workdir / f"{model.arch}-{size}.onnx"

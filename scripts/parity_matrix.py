@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from effconv.models.spec import ARCH_NAMES, get_arch
-from effconv.reports import to_junit, to_markdown
+from effconv.parity.reports import to_junit, to_markdown
 
 # Big archs run batch 1 to fit CI's 2 cores (said in the report); L2's odd size is 475, the
 # size of its released fine-tuned checkpoint.

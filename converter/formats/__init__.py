@@ -1,0 +1,1 @@
+"""Source formats: the readers and what each format's files hold."""

@@ -1,0 +1,1 @@
+"""What a conversion writes: the weights file and its model card, the streaming writers, ONNX export."""

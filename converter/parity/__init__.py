@@ -1,0 +1,1 @@
+"""Proof of parity: `verify` (TensorFlow vs PyTorch), its reports, and synthetic official checkpoints."""

@@ -1,0 +1,1 @@
+"""Using converted models: the catalogue of official checkpoints, download, get_model, inference, evaluation."""

@@ -1,0 +1,250 @@
+"""The official EfficientNet evaluation preprocessing, reproduced exactly in numpy.
+
+decode (RGB uint8) -> centre crop of side S/(S+pad) of the short edge -> TF1 legacy bicubic resize to S x S
+(float 0-255, not clipped) -> (x - mean) / std. `preprocess_tf` runs the same pipeline with TensorFlow's own ops,
+as the reference the numpy port is checked against.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from effconv.errors import UsageError
+from effconv.variants import CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
+
+CROP_FRACTION = 0.875  # the newer TPU-repo rule keeps this fraction at every size
+
+# TF1's legacy bicubic: Keys' cubic with a = -0.75, weights looked up in a table of 1024 steps per pixel.
+_CUBIC_A = -0.75
+_TABLE_SIZE = 1024
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def modern_crop_padding(image_size: int) -> int:
+    """The padding of the newer TPU-repo code, which crops 0.875 of the short edge at every size."""
+    return round(image_size * (1 / CROP_FRACTION - 1))
+
+
+def crop_size(height: int, width: int, image_size: int, crop_padding: int | None = CROP_PADDING) -> int:
+    """Side of the centre crop; `crop_padding=None` takes the newer rule.
+
+    Multiplied in float32 before truncating, as the official graph does (float64 agrees for every released size
+    and short edges up to 4000 px, but a product close to a whole number could round either way).
+    """
+    if crop_padding is None:
+        crop_padding = modern_crop_padding(image_size)
+    fraction = np.float32(image_size / (image_size + crop_padding))
+    return int(fraction * np.float32(min(height, width)))
+
+
+def crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
+    """Top and left offset of the centre crop (the odd pixel goes to the top/left margin)."""
+    return ((height - crop) + 1) // 2, ((width - crop) + 1) // 2
+
+
+def center_crop(image: np.ndarray, image_size: int, crop_padding: int | None = CROP_PADDING) -> np.ndarray:
+    """The official square centre crop of an HxWxC image (a view, not a copy)."""
+    height, width = image.shape[:2]
+    crop = crop_size(height, width, image_size, crop_padding)
+    if crop < 1:
+        raise UsageError(f"image of {height}x{width} pixels is too small to crop for {image_size} px input")
+    top, left = crop_offsets(height, width, crop)
+    return image[top : top + crop, left : left + crop]
+
+
+def _cubic_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Weights of the near (|t| <= 1) and far (1 < |t| <= 2) taps at t = i / 1024; float64 rounded to float32."""
+    a = _CUBIC_A
+    t = np.arange(_TABLE_SIZE + 1) / _TABLE_SIZE
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    return near.astype(np.float32), far.astype(np.float32)
+
+
+_NEAR, _FAR = _cubic_tables()
+
+
+def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (out_size x 4 each) along one axis, with TF1's float32 arithmetic.
+
+    Source coordinate = out_index * (in/out), no half-pixel offset; taps at floor-1 .. floor+2, indices clamped
+    to the edge; the fractional part picks a table row by round-half-even.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    position = np.arange(out_size, dtype=np.float32) * scale
+    base = np.floor(position)
+    step = np.rint((position - base) * np.float32(_TABLE_SIZE)).astype(np.intp)
+    flip = _TABLE_SIZE - step
+    weights = np.stack([_FAR[step], _NEAR[step], _NEAR[flip], _FAR[flip]], axis=1)
+    indices = np.clip(base.astype(np.intp)[:, None] + np.arange(-1, 3), 0, in_size - 1)
+    return indices, weights
+
+
+def _interpolate(image: np.ndarray, indices: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """Four-tap weighted sum along `axis`, accumulated tap by tap in float32 as TF does."""
+    shape = [1] * image.ndim
+    shape[axis] = -1
+    out = None
+    for tap in range(4):
+        term = np.take(image, indices[:, tap], axis=axis) * weights[:, tap].reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
+
+
+def resize_bicubic_tf1(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`tf.compat.v1.image.resize_bicubic(align_corners=False, half_pixel_centers=False)` of an HxWxC image.
+
+    Any dtype in, float32 out, not clipped. Rows are interpolated first, then columns, like TF's kernel, which
+    makes the result bit-identical to TF's on CPU.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise UsageError(f"resize needs a non-empty HxWxC image, got shape {image.shape}")
+    if height < 1 or width < 1:
+        raise UsageError(f"resize target must be at least 1x1, got {height}x{width}")
+    if image.dtype not in (np.uint8, np.float32):  # uint8 * float32 stays float32; others are cast as TF does
+        image = image.astype(np.float32)
+    rows = _interpolate(image, *_axis_taps(image.shape[0], height), axis=0)
+    return _interpolate(rows, *_axis_taps(image.shape[1], width), axis=1)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(x - mean) / std per channel in float32, as the official graph does it."""
+    mean32 = np.asarray(mean, dtype=np.float32)
+    std32 = np.asarray(std, dtype=np.float32)
+    return (np.asarray(image, dtype=np.float32) - mean32) / std32
+
+
+def decode_image(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> np.ndarray:
+    """HxWx3 uint8 RGB from a JPEG/PNG file or its bytes; greyscale, alpha and palette images become RGB.
+
+    Pixels equal TensorFlow's default decoders (the official pipeline's), EXIF orientation ignored as there.
+    JPEG goes through libjpeg-turbo (simplejpeg) with the fast integer IDCT and smooth chroma upsampling, TF's
+    defaults; PIL would use the accurate IDCT and differ by a few levels in most pixels. Everything else is
+    decoded by PIL.
+    """
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+    label = "image bytes" if is_bytes else os.fspath(path_or_bytes)
+    if is_bytes:
+        data = bytes(path_or_bytes)
+    else:
+        try:
+            with open(path_or_bytes, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read image {label}: {e.strerror or e}") from None
+    if data[:3] == _JPEG_MAGIC:
+        pixels = _decode_jpeg_like_tf(data)
+        if pixels is not None:
+            return pixels
+    return _decode_with_pil(data, label)
+
+
+def _decode_jpeg_like_tf(data: bytes) -> np.ndarray | None:
+    """TF's default JPEG decoding, or None when libjpeg-turbo refuses the file (PIL then tries)."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        if colorspace in ("CMYK", "YCCK"):
+            # TF decodes to (inverted, Adobe-style) CMYK and takes floor(c * k / 255) per channel.
+            cmyk = simplejpeg.decode_jpeg(data, colorspace="CMYK", fastdct=True, fastupsample=False)
+            cmyk = cmyk.astype(np.uint16)
+            return (cmyk[:, :, :3] * cmyk[:, :, 3:] // 255).astype(np.uint8)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    except ValueError:  # truncated or corrupt data, an unsupported variant: PIL decides
+        return None
+
+
+def _decode_with_pil(data: bytes, label: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return _to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read image {label}: {e}") from None
+
+
+def _to_rgb(img) -> np.ndarray:
+    if img.mode.startswith("I"):  # 16-bit greyscale PNG: keep the high byte, as TF's uint8 decoding does
+        grey = (np.asarray(img).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def preprocess(
+    image_or_path: np.ndarray | str | os.PathLike | bytes,
+    image_size: int,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    crop_padding: int | None = CROP_PADDING,
+) -> np.ndarray:
+    """The official eval preprocessing: HxWx3 float32, ready to be stacked into NHWC.
+
+    `image_or_path` is an HxWx3 RGB array (uint8 0-255) or something `decode_image` reads. `mean=std=None`
+    skips normalisation (float 0-255 out); `crop_padding=None` takes the newer 0.875 rule.
+    """
+    image = image_or_path if isinstance(image_or_path, np.ndarray) else decode_image(image_or_path)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise UsageError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+    resized = resize_bicubic_tf1(center_crop(image, image_size, crop_padding), image_size, image_size)
+    return resized if mean is None and std is None else normalize(resized, _or_zero(mean), _or_one(std))
+
+
+def preprocess_tf(
+    path: str | os.PathLike,
+    image_size: int,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+    crop_padding: int | None = CROP_PADDING,
+    decode_and_crop: bool = False,
+) -> np.ndarray:
+    """The same pipeline with TensorFlow's own ops (decode, float32 crop arithmetic, legacy resize_bicubic).
+
+    By default the whole image is decoded and then sliced. `decode_and_crop=True` decodes a JPEG's crop window
+    only, as the official input pipeline does (`tf.image.decode_and_crop_jpeg`); for chroma-subsampled JPEGs
+    that changes a few pixels in the crop's edge rows/columns.
+    """
+    import tensorflow as tf
+
+    if crop_padding is None:
+        crop_padding = modern_crop_padding(image_size)
+    try:
+        contents = tf.io.read_file(os.fspath(path))
+        crop_jpeg = decode_and_crop and bool(tf.io.is_jpeg(contents))
+        if crop_jpeg:
+            shape = tf.image.extract_jpeg_shape(contents)
+        else:
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+            shape = tf.shape(image)
+        height, width = shape[0], shape[1]
+        fraction = image_size / (image_size + crop_padding)
+        crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+        top = ((height - crop) + 1) // 2
+        left = ((width - crop) + 1) // 2
+        if crop_jpeg:
+            image = tf.image.decode_and_crop_jpeg(contents, tf.stack([top, left, crop, crop]), channels=3)
+        else:
+            image = image[top : top + crop, left : left + crop]
+        resized = tf.compat.v1.image.resize_bicubic(
+            image[None], [image_size, image_size], align_corners=False, half_pixel_centers=False
+        )[0]
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+        raise UsageError(f"cannot read image {os.fspath(path)}: {e.message.splitlines()[0]}") from None
+    if mean is not None or std is not None:
+        resized = (resized - tf.constant(_or_zero(mean), tf.float32)) / tf.constant(_or_one(std), tf.float32)
+    return resized.numpy()
+
+
+def _or_zero(mean: Sequence[float] | None) -> Sequence[float]:
+    return (0.0, 0.0, 0.0) if mean is None else mean
+
+
+def _or_one(std: Sequence[float] | None) -> Sequence[float]:
+    return (1.0, 1.0, 1.0) if std is None else std

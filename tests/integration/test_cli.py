@@ -1,0 +1,131 @@
+"""Bad input gives one clear line and exit 2, never a traceback, and nothing is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from effconv.formats.bundle import TensorBundleReader
+from effconv.models.efficientnet import model_tensor_shapes
+from tests.support.helpers import run_cli
+
+
+def copy_fixture(fixture_ckpt: Path, dest: Path) -> Path:
+    shutil.copytree(fixture_ckpt, dest)
+    return dest
+
+
+def assert_clean_failure(result, needle: str, code: int = 2):
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effconv: error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert needle in lines[0], lines[0]
+
+
+def test_missing_path(tmp_path):
+    result = run_cli("convert", "--src", tmp_path / "nope", "--out", tmp_path / "x.pth")
+    assert_clean_failure(result, "nope")
+    assert not list(tmp_path.iterdir())
+
+
+def test_not_a_checkpoint(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "model.ckpt.index").write_bytes(os.urandom(300))
+    (junk / "model.ckpt.data-00000-of-00001").write_bytes(os.urandom(300))
+    result = run_cli("convert", "--src", junk, "--out", tmp_path / "x.pth")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("convert", "--src", tmp_path / "empty", "--out", tmp_path / "x.pth")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_wrong_arch_names_both(fixture_ckpt, tmp_path):
+    result = run_cli("convert", "--src", fixture_ckpt, "--arch", "b5", "--out", tmp_path / "x.pth")
+    assert_clean_failure(result, "--arch b5 given, but the checkpoint holds b0")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_crc_mismatch(fixture_ckpt, tmp_path):
+    ckpt = copy_fixture(fixture_ckpt, tmp_path / "ckpt")
+    with TensorBundleReader(ckpt / "model.ckpt") as reader:
+        info = reader.info("efficientnet-b0/head/dense/kernel/ExponentialMovingAverage")
+    data = ckpt / "model.ckpt.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[info.offset + 1000] ^= 0x40
+    data.write_bytes(bytes(raw))
+    result = run_cli("convert", "--src", ckpt, "--out", tmp_path / "x.pth")
+    assert_clean_failure(result, "crc32c")
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_truncated_data_file(fixture_ckpt, tmp_path):
+    ckpt = copy_fixture(fixture_ckpt, tmp_path / "ckpt")
+    data = ckpt / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    result = run_cli("convert", "--src", ckpt, "--out", tmp_path / "x.pth")
+    assert_clean_failure(result, "model.ckpt.data-00000-of-00001")
+
+
+def test_output_exists_and_force(fixture_ckpt, tmp_path):
+    out = tmp_path / "b0.pth"
+    out.write_bytes(b"precious")
+    result = run_cli("convert", "--src", fixture_ckpt, "--out", out)
+    assert_clean_failure(result, "output exists")
+    assert out.read_bytes() == b"precious"
+    assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "--force", "-q").exit_code == 0
+    assert out.stat().st_size > 1_000_000 and out.with_suffix(".json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b0.json", "b0.pth"]  # no temporary left
+
+
+def test_failed_forced_overwrite_keeps_old_output(fixture_ckpt, tmp_path):
+    out = tmp_path / "b0.pth"
+    out.write_bytes(b"precious")
+    result = run_cli("convert", "--src", fixture_ckpt, "--arch", "b3", "--out", out, "--force")
+    assert result.exit_code == 2
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b0.pth"]
+
+
+def test_output_directory_missing(fixture_ckpt, tmp_path):
+    result = run_cli("convert", "--src", fixture_ckpt, "--out", tmp_path / "no" / "b0.pth")
+    assert_clean_failure(result, "output directory does not exist")
+
+
+def test_bad_output_suffix(fixture_ckpt, tmp_path):
+    assert_clean_failure(run_cli("convert", "--src", fixture_ckpt, "--out", tmp_path / "b0.bin"), "--out must end")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect(fixture_ckpt, as_json):
+    result = run_cli("inspect", "--src", fixture_ckpt, *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    if as_json:
+        report = json.loads(result.stdout)
+        assert report["arch"] == "b0" and report["num_classes"] == 1000 and report["variables"] == 623
+        assert report["ema"] == "complete" and report["unknown_variables"] == [] and report["missing"] == []
+        shapes, _ = model_tensor_shapes("b0", 1000)
+        floats = sum(math.prod(s) for k, s in shapes.items() if not k.endswith("num_batches_tracked"))
+        assert report["bytes"] == 2 * 4 * floats + 8  # raw + EMA float32 copies, int64 global_step
+    else:
+        assert "b0" in result.stdout and "EMA:         complete" in result.stdout
+
+
+def test_inspect_missing_path(tmp_path):
+    assert_clean_failure(run_cli("inspect", "--src", tmp_path / "nope"), "nope")
+
+
+def test_help_answers_questions():
+    result = run_cli("convert", "--help")
+    for word in ("--weights", "auto", "EMA", "--variant", "advprop", "--force", ".tar.gz"):
+        assert word in result.output

@@ -1,0 +1,68 @@
+"""`effconv export`: ONNX with TF 'SAME' padding fixed for one size, checked with onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from effconv.models import load
+from effconv.output import export as export_module
+from tests.support.helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, fixture_ckpt):
+    out = tmp_path_factory.mktemp("export") / "b0.pth"
+    assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "-q", "--variant", "standard").exit_code == 0
+    return out
+
+
+def _onnxruntime_vs_torch(onnx_path, weights, size: int, batch: int) -> float:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(42))
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = load(weights)(x).numpy()
+    return float(np.abs(got - expected).max())
+
+
+@pytest.mark.parametrize("size", [224, 225])  # even: asymmetric stride-2 padding; odd: symmetric
+def test_export_matches_pytorch_in_onnxruntime(weights, tmp_path, size):
+    out = tmp_path / f"b0-{size}.onnx"
+    result = run_cli("export", "--weights", weights, "--onnx", out, "--input-size", size)
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime vs PyTorch: max |diff|" in result.output
+    graph = onnx.load(str(out)).graph
+    dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, size, size] and isinstance(dims[0], str)  # the batch stays free
+    assert "Pad" not in {n.op_type for n in graph.node}  # padding is constant, inside each Conv
+    diff = _onnxruntime_vs_torch(out, weights, size, batch=3)
+    print(f"b0 at {size}: onnxruntime vs PyTorch max |diff| = {diff:.3g}")
+    assert diff <= 1e-4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_export_defaults_to_the_card_size_and_refuses_to_overwrite(weights, tmp_path):
+    out = tmp_path / "b0.onnx"
+    assert run_cli("export", "--weights", weights, "--onnx", out, "--no-check").exit_code == 0
+    dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[2:] == [224, 224]
+    again = run_cli("export", "--weights", weights, "--onnx", out, "--no-check")
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("name", ["b0.onx", "missing-dir/b0.onnx"])
+def test_bad_output_paths_are_usage_errors(weights, tmp_path, name):
+    result = run_cli("export", "--weights", weights, "--onnx", tmp_path / name)
+    assert result.exit_code == 2 and result.stderr.startswith("effconv: error:")
+
+
+def test_parity_failure_exits_1_and_writes_nothing(weights, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "_check_with_onnxruntime", lambda *args: 0.5)
+    out = tmp_path / "b0.onnx"
+    result = run_cli("export", "--weights", weights, "--onnx", out, "--input-size", 64)
+    assert result.exit_code == 1 and "0.5" in result.stderr
+    assert list(tmp_path.iterdir()) == []

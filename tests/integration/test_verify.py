@@ -1,0 +1,126 @@
+"""Issue 3 acceptance: effconv verify proves parity, and finds the first divergent layer when there is none."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+
+from effconv.models import load
+from tests.support.helpers import max_abs, nchw, run_cli
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, fixture_ckpt):
+    out = tmp_path_factory.mktemp("verify") / "b0.pth"
+    assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "-q", "--variant", "standard").exit_code == 0
+    return out
+
+
+def test_fixture_verifies_with_reports(fixture_ckpt, artifact, tmp_path):
+    reports = [tmp_path / f"parity.{s}" for s in ("json", "md", "xml", "png")]
+    args = ["verify", "--src", fixture_ckpt, "--weights", artifact, "--input-size", "224", "--input-size", "97"]
+    result = run_cli(*args, *[a for r in reports for a in ("--report", r)])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    data = json.loads(reports[0].read_text())
+    assert data["passed"] and data["weights"] == "ema" and len(data["cases"]) == 2
+    assert data["versions"]["tensorflow"] and data["source_sha256"]["model.ckpt.index"]
+    for case in data["cases"]:
+        assert case["logits"]["max_abs"] <= 1e-4 and case["top1_agreement"] == 1.0
+    suite = ET.parse(reports[2]).getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "0" and len(suite.findall("testcase")) == 2
+    assert "2 passed, 0 failed" in reports[1].read_text()
+    import matplotlib.image
+
+    assert reports[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(reports[3]).ndim == 3
+
+
+def test_per_layer_figures_agree_with_official_endpoints(fixture_ckpt, artifact, oracle, endpoints, tmp_path):
+    np.savez(tmp_path / "x.npz", x=oracle["x"])
+    report = tmp_path / "r.json"
+    args = ["verify", "--src", fixture_ckpt, "--weights", artifact, "--inputs", tmp_path / "x.npz"]
+    result = run_cli(*args, "--per-layer", "--report", report)
+    assert result.exit_code == 0, result.output
+    (case,) = json.loads(report.read_text())["cases"]
+    figures = {layer["name"]: layer["max_abs"] for layer in case["layers"]}
+    model = load(artifact)
+    with torch.no_grad():
+        ours = model.forward_endpoints(nchw(oracle["x"]))
+    for name, ref in endpoints.items():
+        if name == "features":
+            continue
+        got = ours[name].numpy()
+        direct = max_abs(got.transpose(0, 2, 3, 1) if got.ndim == 4 else got, ref)
+        # The TF reference agrees with the official endpoints, so the figures nearly coincide.
+        assert abs(figures[name] - direct) <= 1e-4 * max(1.0, float(np.abs(ref).max())), name
+    assert figures["logits"] <= 1e-4
+
+
+def _broken(artifact, tmp_path, key, change):
+    state = torch.load(artifact, weights_only=True)
+    state[key] = change(state[key])
+    out = tmp_path / "broken.pth"
+    torch.save(state, out)
+    out.with_suffix(".json").write_text(artifact.with_suffix(".json").read_text())
+    return out
+
+
+@pytest.mark.parametrize(
+    "key,change,block",
+    [
+        ("blocks.5.dw_bn.running_var", lambda t: torch.ones_like(t), "block_5"),
+        ("blocks.9.dw_conv.weight", lambda t: t.transpose(2, 3).contiguous(), "block_9"),
+        ("blocks.12.project_conv.weight", lambda t: t.flip(0), "block_12"),
+    ],
+)
+def test_broken_artifact_fails_and_names_the_block(fixture_ckpt, artifact, tmp_path, key, change, block):
+    broken = _broken(artifact, tmp_path, key, change)
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "verify", "--src", fixture_ckpt, "--weights", broken, "--report", report, "--report", tmp_path / "r.xml"
+    )
+    assert result.exit_code == 1, result.output
+    assert f"first diverges at {block}" in result.stderr
+    data = json.loads(report.read_text())
+    assert not data["passed"] and data["cases"][0]["first_divergent"] == block
+    assert ET.parse(tmp_path / "r.xml").getroot().find("testsuite").get("failures") == "1"
+
+
+def test_in_memory_conversion_and_odd_size(fixture_ckpt):
+    result = run_cli("verify", "--src", fixture_ckpt, "--input-size", "131", "--batch", "1", "-q")
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_usage_errors(fixture_ckpt, artifact, tmp_path):
+    bad_report = run_cli("verify", "--src", fixture_ckpt, "--report", tmp_path / "r.txt")
+    assert bad_report.exit_code == 2 and "suffix" in bad_report.stderr
+    missing = run_cli("verify", "--src", tmp_path / "nope", "--weights", artifact)
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 8, 8), np.float32))
+    bad_inputs = run_cli("verify", "--src", fixture_ckpt, "--inputs", tmp_path / "bad.npy")
+    assert bad_inputs.exit_code == 2 and "NHWC" in bad_inputs.stderr
+
+
+def test_real_images_report_preprocessing_and_model_separately(fixture_ckpt, artifact, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.astronaut()[40:400, :480]).save(images / "astronaut.png")
+    Image.fromarray(data.coffee()).save(images / "coffee.jpg", quality=90)
+    report = tmp_path / "r.json"
+    args = ["verify", "--src", fixture_ckpt, "--weights", artifact, "--images", images, "--report", report]
+    # Random weights turn smooth natural images into logits of ~4000: judge those relative to max |logit|.
+    result = run_cli(*args, "--input-size", "97", "--rtol", "1e-3")
+    assert result.exit_code == 0, result.output
+    cases = {c["name"]: c for c in json.loads(report.read_text())["cases"]}
+    assert set(cases) == {"b0@97", "b0:astronaut.png", "b0:coffee.jpg"}
+    png = cases["b0:astronaut.png"]
+    assert png["input_size"] == [224, 224] and png["preprocessing_max_abs"] <= 1e-3  # PNG: same pixels, same resize
+    assert cases["b0:coffee.jpg"]["preprocessing_max_abs"] <= 1e-3  # JPEG: decoded like TF's libjpeg (fast IDCT)
+    assert all(c["logits"]["max_rel"] <= 1e-3 and c["top1_agreement"] == 1.0 for c in cases.values())
