@@ -344,7 +344,7 @@ def convert_checkpoint(
             "mixed_variables": planned.card["mixed_variables"],
             "layout": table.name,
             "dtype": dtype,
-            "bn_eps": spec.BN_EPS,
+            "bn_eps": spec.family_of(found.arch).bn_eps,
             "padding": "tf-same",
             "parameters": n_params,
             "source": {

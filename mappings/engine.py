@@ -67,9 +67,13 @@ def global_fields(arch: str) -> dict[str, int]:
     return {"head_layer": max(layer_groups(arch)) + 1}
 
 
-def _expand_rules(table: SourceTable, rules: Sequence[Rule], scope: str, target: str, names) -> list[TensorMapping]:
+def _expand_rules(
+    table: SourceTable, rules: Sequence[Rule], scope: str, target: str, names, parts: frozenset[str] = frozenset()
+) -> list[TensorMapping]:
     out = []
     for rule in rules:
+        if rule.part is not None and rule.part not in parts:
+            continue
         src = f"{scope}{rule.source.format(**names)}"
         dst = f"{target}{rule.target}"
         if rule.transform == "bn":
@@ -81,6 +85,16 @@ def _expand_rules(table: SourceTable, rules: Sequence[Rule], scope: str, target:
     return out
 
 
+def block_rows(table: SourceTable | LayoutTable, block: spec.BlockSpec) -> tuple:
+    """`table`'s rows for `block`, by its variant; a table without them cannot express the model."""
+    try:
+        return table.blocks[block.variant]
+    except KeyError:
+        raise MappingError(
+            f"the {table.name} table has no rows for {block.variant} blocks (block {block.index})"
+        ) from None
+
+
 def source_plan(
     table: SourceTable, arch: str, num_classes: int, root: str = "", **names: str
 ) -> tuple[TensorMapping, ...]:
@@ -90,10 +104,9 @@ def source_plan(
     """
     plan = _expand_rules(table, table.stem, root, "", names)
     for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
-        rules = table.expand_block if block.has_expand else table.plain_block
         scope = root + table.block_scope.format(**fields)
         target = official.BLOCK_TARGET.format(index=block.index) + "."
-        plan += _expand_rules(table, rules, scope, target, names)
+        plan += _expand_rules(table, block_rows(table, block), scope, target, names, block.parts)
     plan += _expand_rules(table, table.head, root, "", names)
     if num_classes:
         plan += _expand_rules(table, table.classifier, root, "", names)
@@ -122,7 +135,7 @@ def layout_names(table: LayoutTable, arch: str, num_classes: int) -> dict[str, s
     for canonical, renamed in (*table.stem, *table.head, *table.classifier):
         modules[canonical] = renamed.format(**tops)
     for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
-        rows = table.expand_block if block.has_expand else table.plain_block
+        rows = block_rows(table, block)
         source_scope = official.BLOCK_TARGET.format(index=block.index) + "."
         target_scope = table.block_scope.format(**fields)
         for canonical, renamed in rows:
@@ -186,14 +199,9 @@ def classify_unused(names: Sequence[str], table: SourceTable = official.TABLE) -
     return reasons
 
 
-def official_shapes(
-    arch: str, num_classes: int, prefix: str, bn: str = "tpu_batch_normalization"
-) -> dict[str, tuple[int, ...]]:
-    """Official name -> TF shape of every model variable, derived from the native model."""
+def source_shapes(plan: Sequence[TensorMapping], arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Source name -> source shape of every tensor in `plan`, in the plan's order, derived from the native model."""
     from effconv.models.efficientnet import model_tensor_shapes
 
     targets, _ = model_tensor_shapes(arch, num_classes)
-    return {
-        m.source: transforms.source_shape(m.transform, targets[m.target])
-        for m in official_plan(arch, num_classes, prefix, bn)
-    }
+    return {m.source: transforms.source_shape(m.transform, targets[m.target]) for m in plan}

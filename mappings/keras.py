@@ -25,10 +25,10 @@ STEM: tuple[Rule, ...] = (
 )
 
 _SE: tuple[Rule, ...] = (
-    Rule("se_reduce/kernel", "se.reduce.weight", "conv"),
-    Rule("se_reduce/bias", "se.reduce.bias", "copy"),
-    Rule("se_expand/kernel", "se.expand.weight", "conv"),
-    Rule("se_expand/bias", "se.expand.bias", "copy"),
+    Rule("se_reduce/kernel", "se.reduce.weight", "conv", "se"),
+    Rule("se_reduce/bias", "se.reduce.bias", "copy", "se"),
+    Rule("se_expand/kernel", "se.expand.weight", "conv", "se"),
+    Rule("se_expand/bias", "se.expand.bias", "copy", "se"),
 )
 
 _DEPTHWISE: tuple[Rule, ...] = (
@@ -36,7 +36,7 @@ _DEPTHWISE: tuple[Rule, ...] = (
     Rule("bn", "dw_bn", "bn"),
 )
 
-EXPAND_BLOCK: tuple[Rule, ...] = (
+MBCONV: tuple[Rule, ...] = (
     Rule("expand_conv/kernel", "expand_conv.weight", "conv"),
     Rule("expand_bn", "expand_bn", "bn"),
     *_DEPTHWISE,
@@ -45,7 +45,7 @@ EXPAND_BLOCK: tuple[Rule, ...] = (
     Rule("project_bn", "project_bn", "bn"),
 )
 
-PLAIN_BLOCK: tuple[Rule, ...] = (
+MBCONV_NO_EXPAND: tuple[Rule, ...] = (
     *_DEPTHWISE,
     *_SE,
     Rule("project_conv/kernel", "project_conv.weight", "conv"),
@@ -70,8 +70,7 @@ NORMALIZATION_REASON = "input normalisation (folded into the card's mean/std)"
 TABLE = SourceTable(
     name="Keras applications",
     stem=STEM,
-    expand_block=EXPAND_BLOCK,
-    plain_block=PLAIN_BLOCK,
+    blocks={"mbconv": MBCONV, "mbconv:no_expand": MBCONV_NO_EXPAND},
     head=HEAD,
     classifier=CLASSIFIER,
     block_scope="block{stage_number}{letter}_",

@@ -24,8 +24,10 @@ _BLOCK = (
 TABLE = LayoutTable(
     name="mmpretrain",
     stem=(("stem.conv", "backbone.layers.0.conv"), ("stem.bn", "backbone.layers.0.bn")),
-    expand_block=(("expand_conv", "expand_conv.conv"), ("expand_bn", "expand_conv.bn"), *_BLOCK),
-    plain_block=_BLOCK,
+    blocks={
+        "mbconv": (("expand_conv", "expand_conv.conv"), ("expand_bn", "expand_conv.bn"), *_BLOCK),
+        "mbconv:no_expand": _BLOCK,
+    },
     head=(("head.conv", "backbone.layers.{head_layer}.conv"), ("head.bn", "backbone.layers.{head_layer}.bn")),
     classifier=(("classifier", "head.fc"),),
     block_scope="backbone.layers.{layer}.{layer_pos}.",

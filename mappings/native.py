@@ -9,8 +9,10 @@ _BLOCK_MODULES = ("dw_conv", "dw_bn", "se.reduce", "se.expand", "project_conv", 
 TABLE = LayoutTable(
     name="native",
     stem=(("stem.conv", "stem.conv"), ("stem.bn", "stem.bn")),
-    expand_block=tuple((m, m) for m in ("expand_conv", "expand_bn", *_BLOCK_MODULES)),
-    plain_block=tuple((m, m) for m in _BLOCK_MODULES),
+    blocks={
+        "mbconv": tuple((m, m) for m in ("expand_conv", "expand_bn", *_BLOCK_MODULES)),
+        "mbconv:no_expand": tuple((m, m) for m in _BLOCK_MODULES),
+    },
     head=(("head.conv", "head.conv"), ("head.bn", "head.bn")),
     classifier=(("classifier", "classifier"),),
     block_scope="blocks.{index}.",

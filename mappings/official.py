@@ -24,15 +24,15 @@ STEM: tuple[Rule, ...] = (
 )
 
 _SE: tuple[Rule, ...] = (
-    Rule("se/conv2d/kernel", "se.reduce.weight", "conv"),
-    Rule("se/conv2d/bias", "se.reduce.bias", "copy"),
-    Rule("se/conv2d_1/kernel", "se.expand.weight", "conv"),
-    Rule("se/conv2d_1/bias", "se.expand.bias", "copy"),
+    Rule("se/conv2d/kernel", "se.reduce.weight", "conv", "se"),
+    Rule("se/conv2d/bias", "se.reduce.bias", "copy", "se"),
+    Rule("se/conv2d_1/kernel", "se.expand.weight", "conv", "se"),
+    Rule("se/conv2d_1/bias", "se.expand.bias", "copy", "se"),
 )
 
 # Scope suffixes (_1, _2) follow call order inside each block, so they shift
 # by one when the block has no expand conv.
-EXPAND_BLOCK: tuple[Rule, ...] = (
+MBCONV: tuple[Rule, ...] = (
     Rule("conv2d/kernel", "expand_conv.weight", "conv"),
     Rule("{bn}", "expand_bn", "bn"),
     Rule("depthwise_conv2d/depthwise_kernel", "dw_conv.weight", "depthwise"),
@@ -42,7 +42,7 @@ EXPAND_BLOCK: tuple[Rule, ...] = (
     Rule("{bn}_2", "project_bn", "bn"),
 )
 
-PLAIN_BLOCK: tuple[Rule, ...] = (
+MBCONV_NO_EXPAND: tuple[Rule, ...] = (
     Rule("depthwise_conv2d/depthwise_kernel", "dw_conv.weight", "depthwise"),
     Rule("{bn}", "dw_bn", "bn"),
     *_SE,
@@ -77,8 +77,7 @@ KNOWN_GLOBALS: tuple[str, ...] = ("global_step",)
 TABLE = SourceTable(
     name="official TF checkpoint",
     stem=STEM,
-    expand_block=EXPAND_BLOCK,
-    plain_block=PLAIN_BLOCK,
+    blocks={"mbconv": MBCONV, "mbconv:no_expand": MBCONV_NO_EXPAND},
     head=HEAD,
     classifier=CLASSIFIER,
     block_scope=BLOCK_SCOPE + "/",

@@ -4,8 +4,10 @@ A `SourceTable` maps one source format's variable names (official TF
 checkpoint, Keras .h5) to effconv's canonical names (the native model's state
 dict) with a layout transform. A `LayoutTable` renames canonical modules to one
 output layout's modules (native, timm, mmpretrain); the tensors themselves do
-not change. Neither knows how many blocks an arch has: the engine expands the
-block rows over `spec.blocks(arch)`.
+not change. Neither knows how many blocks an arch has, nor any block kind: block
+rows are keyed by `BlockSpec.variant` (the block's kind, marked when it has no
+expand step), and the engine expands them over `spec.blocks(arch)`. A row that
+names an optional part (`"se"`, `"expand"`) applies only to blocks that have it.
 
 Block scopes are format strings over these fields of each block:
 `index` (flat, 0-based), `stage` (0-based) and `stage_number` (1-based),
@@ -17,6 +19,7 @@ the stage before it (layer 0 is the stem, the last block layer is followed by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,11 +30,12 @@ class Rule(NamedTuple):
     source: str
     target: str
     transform: str
+    part: str | None = None  # only for blocks with this optional part (`BlockSpec.parts`)
 
 
 @dataclass(frozen=True)
 class SourceTable:
-    """Source names -> canonical names, per block kind.
+    """Source names -> canonical names, with block rows per block variant.
 
     Source rows may name `{field}`s that are given when the plan is expanded
     (e.g. `{bn}`, the batch-norm scope of an official checkpoint). A row with
@@ -40,8 +44,7 @@ class SourceTable:
 
     name: str
     stem: tuple[Rule, ...]
-    expand_block: tuple[Rule, ...]  # blocks with an expand conv (expand ratio != 1)
-    plain_block: tuple[Rule, ...]  # expand ratio 1
+    blocks: Mapping[str, tuple[Rule, ...]]  # BlockSpec.variant -> rows
     head: tuple[Rule, ...]
     classifier: tuple[Rule, ...]
     block_scope: str  # source prefix of a block's rows
@@ -61,8 +64,7 @@ class LayoutTable:
 
     name: str
     stem: tuple[tuple[str, str], ...]
-    expand_block: tuple[tuple[str, str], ...]
-    plain_block: tuple[tuple[str, str], ...]
+    blocks: Mapping[str, tuple[tuple[str, str], ...]]  # BlockSpec.variant -> rows
     head: tuple[tuple[str, str], ...]
     classifier: tuple[tuple[str, str], ...]
     block_scope: str  # layout prefix of a block's modules

@@ -1,4 +1,4 @@
-"""The PyTorch EfficientNet, built from the architecture table (NCHW, normalised input)."""
+"""The PyTorch EfficientNet of every family, built from the architecture table (NCHW, normalised input)."""
 
 from __future__ import annotations
 
@@ -8,69 +8,14 @@ import torch
 from torch import nn
 
 from effconv.models import spec
-from effconv.models.same_padding import SameConv2d
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=spec.BN_EPS, momentum=spec.BN_MOMENTUM_TORCH)
-
-
-class ConvBNAct(nn.Module):
-    """Convolution, batch norm, optional swish: the stem and the head conv."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, act: bool = True):
-        super().__init__()
-        self.conv = SameConv2d(cin, cout, kernel, stride, bias=False)
-        self.bn = _bn(cout)
-        self.act = nn.SiLU(inplace=True) if act else nn.Identity()  # on the fresh BN output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, channels: int, reduced: int):
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, reduced, 1)
-        self.expand = nn.Conv2d(reduced, channels, 1)
-        self.act = nn.SiLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        s = self.expand(self.act(self.reduce(s)))
-        return x * torch.sigmoid(s)
-
-
-class MBConv(nn.Module):
-    """Mobile inverted bottleneck with squeeze-excite, as one row of `spec.blocks`."""
-
-    def __init__(self, block: spec.BlockSpec):
-        super().__init__()
-        mid = block.mid_channels
-        self.has_residual = block.has_residual
-        self.has_expand = block.has_expand
-        if block.has_expand:
-            self.expand_conv = SameConv2d(block.in_channels, mid, 1, bias=False)
-            self.expand_bn = _bn(mid)
-        self.dw_conv = SameConv2d(mid, mid, block.kernel, block.stride, groups=mid, bias=False)
-        self.dw_bn = _bn(mid)
-        self.se = SqueezeExcite(mid, block.se_channels)
-        self.project_conv = SameConv2d(mid, block.out_channels, 1, bias=False)
-        self.project_bn = _bn(block.out_channels)
-        self.act = nn.SiLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
-        if self.has_expand:
-            y = self.act(self.expand_bn(self.expand_conv(y)))
-        y = self.act(self.dw_bn(self.dw_conv(y)))
-        y = self.project_bn(self.project_conv(self.se(y)))
-        return y + x if self.has_residual else y
+from effconv.models.blocks import BLOCKS, ConvBNAct
+from effconv.models.same_padding import PaddedConv
 
 
 class EfficientNet(nn.Module):
-    """EfficientNet b0..b8 / l2 with BN eps 1e-3 and exact TF 'SAME' padding.
+    """An EfficientNet of any registered family, with its family's BN settings and padding rule.
 
+    Each block is built by the class its kind names (`effconv.models.blocks.BLOCKS`).
     `num_classes=0` builds a feature extractor without the dense layer.
     """
 
@@ -78,12 +23,16 @@ class EfficientNet(nn.Module):
         super().__init__()
         self.arch = spec.get_arch(arch).name
         self.num_classes = num_classes
+        family = spec.family_of(self.arch)
         block_specs = spec.blocks(self.arch)
         self.stage_ends = spec.stage_ends(self.arch)
         self.input_size: tuple[int, int] | None = None  # see set_input_size
-        self.stem = ConvBNAct(3, spec.stem_channels(self.arch), 3, 2)
-        self.blocks = nn.ModuleList(MBConv(b) for b in block_specs)
-        self.head = ConvBNAct(block_specs[-1].out_channels, spec.head_channels(self.arch), 1)
+        common = dict(
+            act=family.activation, bn_eps=family.bn_eps, bn_momentum=family.bn_momentum, padding=family.padding
+        )
+        self.stem = ConvBNAct(3, spec.stem_channels(self.arch), 3, 2, **common)
+        self.blocks = nn.ModuleList(BLOCKS[b.kind](b) for b in block_specs)
+        self.head = ConvBNAct(block_specs[-1].out_channels, spec.head_channels(self.arch), 1, 1, **common)
         self.dropout = nn.Dropout(spec.get_arch(self.arch).dropout)
         if num_classes:
             self.classifier = nn.Linear(spec.head_channels(self.arch), num_classes)
@@ -131,13 +80,11 @@ class EfficientNet(nn.Module):
             y = block(y)
         return self.forward_head(self.head(y))
 
-    def same_convs(self) -> list[SameConv2d]:
-        """Every 'SAME'-padded convolution, in the order the input flows through them."""
+    def same_convs(self) -> list[PaddedConv]:
+        """Every convolution padded by the padding rule, in the order the input flows through them."""
         convs = [self.stem.conv]
         for block in self.blocks:
-            if block.has_expand:
-                convs.append(block.expand_conv)
-            convs += [block.dw_conv, block.project_conv]
+            convs += block.padded_convs()
         return [*convs, self.head.conv]
 
     def set_input_size(self, size: int | tuple[int, int] | None) -> EfficientNet:
@@ -162,7 +109,7 @@ def create_model(
     input_size: int | tuple[int, int] | None = None,
     channels_last: bool = True,
 ) -> EfficientNet:
-    """A randomly initialised EfficientNet of `arch` (b0..b8, l2), in eval mode.
+    """A randomly initialised EfficientNet of `arch` (any name of `spec.ARCH_NAMES`), in eval mode.
 
     `input_size` fixes the padding for that input size (`EfficientNet.set_input_size`); any size still works.
     `channels_last` (default) stores the convolution weights channels-last, so that every

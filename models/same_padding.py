@@ -82,3 +82,29 @@ class SameConv2d(nn.Conv2d):
         if pads is not None:
             x = F.pad(x, pads)
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+class SymmetricConv2d(nn.Conv2d):
+    """nn.Conv2d padded by `kernel // 2` on every side, whatever the input size (the "symmetric" rule).
+
+    It has SameConv2d's size interface, so that a model walks its convolutions alike under either rule.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, **kwargs)
+
+    def set_input_size(self, size: tuple[int, int] | None) -> None:
+        """Nothing to work out: the padding does not depend on the input size."""
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+
+PaddedConv = SameConv2d | SymmetricConv2d
+PADDING_RULES: dict[str, type[nn.Conv2d]] = {"tf-same": SameConv2d, "symmetric": SymmetricConv2d}
+
+
+def padded_conv(rule: str, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, **kwargs):
+    """A convolution padded by `rule` ("tf-same" or "symmetric")."""
+    return PADDING_RULES[rule](in_channels, out_channels, kernel_size, stride, **kwargs)

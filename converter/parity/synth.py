@@ -163,7 +163,7 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
     """The calibrating network; its class is made here so that TensorFlow is imported lazily."""
     import tensorflow as tf
 
-    from effconv.models.tf_reference import ReferenceForward, block_names, official_variable_shapes
+    from effconv.models.tf_reference import ReferenceForward, official_variable_shapes
 
     class CalibratingNetwork(ReferenceForward):
         """The reference forward with variables drawn on first use and BN statistics measured."""
@@ -172,7 +172,7 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
             super().__init__(arch, num_classes, bn_name, prefix)
             self.shapes = official_variable_shapes(arch, num_classes, bn_name, self.prefix)
             self.residual_gammas = {
-                f"{self.prefix}/{block_names(b, bn_name).project_bn}/gamma" for b in blocks(arch) if b.has_residual
+                self.names[f"blocks.{b.index}.project_bn.weight"] for b in blocks(arch) if b.has_residual
             }
             self.values: dict[str, tf.Tensor] = {}
             self.draw: Callable[[str], tf.Tensor] = self.initial
@@ -223,23 +223,23 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
             column = tf.where(u < TINY_CHANNEL_FRACTION, TINY_CHANNEL_SCALE, 1.0)
             return n * (2.0 / fan_in) ** 0.5 * column
 
-        def batch_norm(self, x: tf.Tensor, scope: str) -> tf.Tensor:
+        def batch_norm(self, x: tf.Tensor, module: str) -> tf.Tensor:
             if self.calibrating:
-                base = f"{self.prefix}/{scope}"
+                moving_mean = self.names[f"{module}.running_mean"]
+                base = moving_mean.rsplit("/", 1)[0]  # the BN's official scope: seeds the noise
                 mean, var = tf.nn.moments(x, axes=[0, 1, 2])
                 noise = STAT_NOISE * _normal(mean.shape, seed, base, "mean")
-                self.values[f"{base}/moving_mean"] = mean + tf.sqrt(var) * noise
-                self.values[f"{base}/moving_variance"] = var * tf.exp(
+                self.values[moving_mean] = mean + tf.sqrt(var) * noise
+                self.values[self.names[f"{module}.running_var"]] = var * tf.exp(
                     STAT_NOISE * _normal(var.shape, seed, base, "var")
                 )
-            return super().batch_norm(x, scope)
+            return super().batch_norm(x, module)
 
-        def dense(self, x: tf.Tensor, scope: str) -> tf.Tensor:
-            logits = super().dense(x, scope)
+        def dense(self, x: tf.Tensor, module: str) -> tf.Tensor:
+            logits = super().dense(x, module)
             if self.fit_logits:
-                kernel = f"{self.prefix}/{scope}/kernel"
-                self.values[kernel] *= LOGITS_STD / tf.math.reduce_std(logits)
-                logits = super().dense(x, scope)
+                self.values[self.names[f"{module}.weight"]] *= LOGITS_STD / tf.math.reduce_std(logits)
+                logits = super().dense(x, module)
             return logits
 
         def block(self, x: tf.Tensor, b) -> tf.Tensor:

@@ -73,12 +73,12 @@ def case_digests(arch: str, ema: bool, dtype: str, official_shapes, workdir: Pat
 if __name__ == "__main__":  # record today's digests
     import tempfile
 
-    from effconv.mappings.engine import official_shapes
+    from effconv.models.tf_reference import official_variable_shapes
 
     record = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch, ema, dtype in CASES:
             key = case_id(arch, ema, dtype)
-            record[key] = case_digests(arch, ema, dtype, official_shapes(arch, 1000, f"efficientnet-{arch}"), Path(tmp))
+            record[key] = case_digests(arch, ema, dtype, official_variable_shapes(arch, 1000), Path(tmp))
             print(key, record[key]["native"]["sha256"][:16], file=sys.stderr)
     RECORD.write_text(json.dumps(record, indent=1) + "\n")

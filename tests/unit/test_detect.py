@@ -11,7 +11,7 @@ from effconv.models import spec
 
 def shapes_of(arch, num_classes=1000, prefix=None, bn="tpu_batch_normalization", ema=False):
     prefix = f"efficientnet-{arch}" if prefix is None else prefix
-    shapes = engine.official_shapes(arch, num_classes, prefix, bn)
+    shapes = engine.source_shapes(engine.official_plan(arch, num_classes, prefix, bn), arch, num_classes)
     if ema:
         shapes = {k + EMA_SUFFIX: v for k, v in shapes.items()}
     return {**shapes, "global_step": ()}
@@ -29,7 +29,7 @@ def test_matches_fixture_shapes(fixture_dir):
 
     lines = (fixture_dir / "variables.txt").read_text().splitlines()
     fixture = {n: tuple(json.loads(s)) for n, s, _ in (line.split("\t") for line in lines)}
-    official = engine.official_shapes("b0", 1000, "efficientnet-b0")
+    official = engine.source_shapes(engine.official_plan("b0", 1000, "efficientnet-b0"), "b0", 1000)
     assert {k: v for k, v in fixture.items() if not k.endswith(EMA_SUFFIX) and k != "global_step"} == official
 
 

@@ -1,0 +1,173 @@
+"""The records an architecture table is made of: a family's base stages, its sizes, and the blocks they give.
+
+Pure data. A `Family` says everything that varies between EfficientNet families: the base stage
+table (each stage naming the `kind` of its blocks), the scaling table of its sizes, the rounding
+rules, activation, squeeze-excite, batch-norm settings, padding, stem and head, and the default
+preprocessing of its checkpoints. `expand_blocks` turns one size of a family into `BlockSpec`s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a family's base network, before scaling."""
+
+    kind: str  # the block kind of every block in the stage (a key of the block tables)
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    in_channels: int
+    out_channels: int
+    se_ratio: float | None = 0.25  # None: no squeeze-excite
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One size of a family: its scaling coefficients and native input size."""
+
+    name: str  # the short arch name users type ("b5"); unique across families
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    family: str = ""  # filled in by the registry
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A family's default evaluation preprocessing (a variant may change mean/std)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_padding: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything that varies between model families, as data."""
+
+    name: str
+    official_prefix: str  # official scope of a size: official_prefix + size name ("efficientnet-b5")
+    stages: tuple[StageSpec, ...]
+    sizes: tuple[ArchSpec, ...]
+    preprocessing: Preprocessing
+    stem_channels: int = 32
+    head_channels: int = 1280
+    fix_stem_head: bool = False  # stem and head keep their base width at every size
+    activation: str = "swish"  # "swish", "relu6" or "relu": stem, blocks and head
+    se_base: str = "block_in"  # squeeze-excite width from the block's input ("block_in") or expanded ("mid") width
+    channel_divisor: int = 8
+    round_up_below: float | None = 0.9  # add a divisor when rounding kept less than this fraction (None: never)
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01  # PyTorch's convention (TF's 0.99)
+    padding: str = "tf-same"  # "tf-same" or "symmetric"
+
+    def round_channels(self, channels: int, width: float) -> int:
+        """Channel scaling: nearest multiple of the divisor (at least one), optionally never losing > 10 %."""
+        d = self.channel_divisor
+        scaled = channels * width
+        rounded = max(d, int(scaled + d / 2) // d * d)
+        if self.round_up_below is not None and rounded < self.round_up_below * scaled:
+            rounded += d
+        return int(rounded)
+
+    @staticmethod
+    def round_repeats(repeats: int, depth: float) -> int:
+        """Depth scaling."""
+        return int(math.ceil(depth * repeats))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block after scaling; `index` is its official flat number, `kind` what it is made of."""
+
+    index: int
+    stage: int
+    kind: str
+    in_channels: int
+    out_channels: int
+    expand: int
+    kernel: int
+    stride: int
+    se_channels: int  # 0: no squeeze-excite
+    activation: str = "swish"
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.01
+    padding: str = "tf-same"
+
+    @property
+    def mid_channels(self) -> int:
+        return self.in_channels * self.expand
+
+    @property
+    def has_expand(self) -> bool:
+        return self.expand != 1
+
+    @property
+    def has_se(self) -> bool:
+        return self.se_channels > 0
+
+    @property
+    def has_residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+    @property
+    def variant(self) -> str:
+        """The key of this block's rows in the mapping tables: its kind, marked when it has no expand step.
+
+        Without the expand step a block's layers are numbered differently in every format
+        (official `_1`/`_2` suffixes, timm's bn1/bn2), so its rows are a table of their own.
+        """
+        return self.kind if self.has_expand else f"{self.kind}:no_expand"
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The optional parts this block has; mapping rows that need a part apply only where it is."""
+        return frozenset(p for p, present in (("expand", self.has_expand), ("se", self.has_se)) if present)
+
+
+def stem_channels(family: Family, size: ArchSpec) -> int:
+    if family.fix_stem_head:
+        return family.stem_channels
+    return family.round_channels(family.stem_channels, size.width)
+
+
+def head_channels(family: Family, size: ArchSpec) -> int:
+    if family.fix_stem_head:
+        return family.head_channels
+    return family.round_channels(family.head_channels, size.width)
+
+
+def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
+    """Every block of `size` in official (flat) order: the first of a stage takes its stride and in -> out."""
+    out: list[BlockSpec] = []
+    for stage_index, stage in enumerate(family.stages):
+        cin = family.round_channels(stage.in_channels, size.width)
+        cout = family.round_channels(stage.out_channels, size.width)
+        for i in range(family.round_repeats(stage.repeats, size.depth)):
+            block_in = cin if i == 0 else cout
+            se_base = block_in if family.se_base == "block_in" else block_in * stage.expand
+            out.append(
+                BlockSpec(
+                    index=len(out),
+                    stage=stage_index,
+                    kind=stage.kind,
+                    in_channels=block_in,
+                    out_channels=cout,
+                    expand=stage.expand,
+                    kernel=stage.kernel,
+                    stride=stage.stride if i == 0 else 1,
+                    se_channels=0 if stage.se_ratio is None else max(1, int(se_base * stage.se_ratio)),
+                    activation=family.activation,
+                    bn_eps=family.bn_eps,
+                    bn_momentum=family.bn_momentum,
+                    padding=family.padding,
+                )
+            )
+    return tuple(out)
