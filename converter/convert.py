@@ -1,16 +1,17 @@
 """Source checkpoint -> state dict in the chosen layout and dtype, plus model card, without TensorFlow.
 
-One flow for every source and layout: a lazy reader (TF tensor bundle or Keras
-.h5), a source table mapping its names to canonical (native) names, the
-canonical state dict, then the dtype and the layout table's names.
+One flow for every source and layout: the source's format (`effconv.formats`)
+opens a lazy reader and plans the mapping of its names to canonical (native)
+names; each tensor is read, transposed, cast to the dtype and handed on under the
+layout table's name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+import warnings as _warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,10 @@ import numpy as np
 import torch
 
 from effconv import __version__
-from effconv.ema_policy import EmaChoice, choose_weights
-from effconv.errors import CheckpointError, MappingError, UsageError
-from effconv.formats.bundle import TensorBundleReader
-from effconv.formats.checkpoint_files import resolve_checkpoint
-from effconv.formats.keras import KerasLayout
-from effconv.formats.keras_h5 import is_keras_source
-from effconv.formats.tf_checkpoint import CheckpointLayout, detect_layout
-from effconv.mappings import engine, keras, official, transforms
+from effconv.ema_policy import EmaChoice
+from effconv.errors import MappingError, UsageError
+from effconv.formats import Detected, open_source
+from effconv.mappings import engine, transforms
 from effconv.mappings.layouts import CARD_SECTIONS, get_layout
 from effconv.mappings.official import EMA_SUFFIX
 from effconv.models import spec
@@ -47,7 +44,7 @@ class Conversion:
 
     state_dict: dict[str, torch.Tensor]
     card: dict
-    layout: CheckpointLayout | KerasLayout  # what the source holds
+    detected: Detected  # what the source holds
     choice: EmaChoice
     order: list[str]  # the state dict's names, in the model's order
     skipped: dict[str, str] = field(default_factory=dict)
@@ -59,58 +56,6 @@ class Conversion:
         return int(self.card["parameters"])
 
 
-@dataclass
-class _Source:
-    """An opened source: its reader and what the rest of the flow needs to know about it."""
-
-    reader: TensorBundleReader | object
-    files: tuple[Path, ...]  # hashed into the card
-    origin: Path
-    format: str  # "tf-checkpoint" or "keras-h5"
-
-
-@contextlib.contextmanager
-def open_source(src: str | os.PathLike) -> Iterator[_Source]:
-    """The reader for `src`: a Keras .h5 file, or a TF checkpoint (dir, prefix, .index or tarball)."""
-    path = Path(src).expanduser()
-    if path.name.endswith(".keras"):
-        raise UsageError(
-            f"{path} is a Keras 3 .keras archive; effconv reads TF checkpoints and Keras legacy .h5 "
-            "(Keras applications' efficientnetbN.h5, save_weights('x.h5') in Keras 2, model.save('x.h5'))"
-        )
-    if is_keras_source(path):
-        from effconv.formats.keras_h5 import KerasH5Reader
-
-        with KerasH5Reader(path) as reader:
-            yield _Source(reader, (path,), path, "keras-h5")
-        return
-    with resolve_checkpoint(src) as files, TensorBundleReader(files.prefix) as reader:
-        yield _Source(reader, files.files, files.origin, "tf-checkpoint")
-
-
-@dataclass
-class _Plan:
-    """What one source format contributes: the plan, which key each row reads, the card's facts."""
-
-    layout: CheckpointLayout | KerasLayout
-    plan: tuple[engine.TensorMapping, ...]
-    choice: EmaChoice
-    table: object  # the SourceTable, for the reasons of unused variables
-    card: dict  # weights, source facts, and (Keras) the folded input normalisation
-    mean_std: tuple[list[float], list[float]] | None = None
-
-
-def _global_step(reader: TensorBundleReader, origin: Path) -> int:
-    """The training step the card records; anything but a scalar integer is a broken checkpoint."""
-    info = reader.info("global_step")
-    if info.shape != () or info.dtype.kind not in "iu":
-        raise CheckpointError(
-            f"global_step in {origin} has shape {info.shape} and dtype {info.dtype_name or info.dtype}; "
-            "expected a scalar integer"
-        )
-    return int(reader.read("global_step"))
-
-
 def _check_float_weights(infos, origin: Path) -> None:
     """Refuse integer, bool or complex weights before reading: they would land as is in a float artifact."""
     for info in infos:
@@ -119,37 +64,6 @@ def _check_float_weights(infos, origin: Path) -> None:
                 f"{info.name!r} in {origin} has dtype {info.dtype_name or info.dtype}; "
                 "model weights must be float16, float32 or float64"
             )
-
-
-def _plan_official(source: _Source, shapes, arch, weights, allow_mixed) -> _Plan:
-    layout = detect_layout(shapes, arch)
-    plan = engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
-    choice = choose_weights([m.source for m in plan], shapes, weights, allow_mixed)
-    reader = source.reader
-    step = _global_step(reader, source.origin) if "global_step" in shapes else None
-    facts = {"prefix": layout.prefix, "bn_scope": layout.bn, "global_step": step}
-    card = {"weights": choice.used, "weights_policy": weights, "mixed_variables": list(choice.mixed), "source": facts}
-    return _Plan(layout, plan, choice, official.TABLE, card)
-
-
-def _plan_keras(source: _Source, shapes, arch, weights) -> _Plan:
-    from effconv.formats.keras import detect_keras_layout, keras_input_normalization
-
-    if weights != "auto":
-        raise UsageError(f"--weights {weights} applies to TF checkpoints; a Keras file holds one copy of each weight")
-    layout = detect_keras_layout(shapes, arch)
-    plan = engine.source_plan(keras.TABLE, layout.arch, layout.num_classes, depthwise=layout.depthwise)
-    choice = EmaChoice("as stored", {m.source: m.source for m in plan}, 0, len(plan))
-    norm = keras_input_normalization(source.reader, layout)
-    reader = source.reader
-    facts = {"saved_as": reader.saved_as, "keras_version": reader.keras_version, "backend": reader.backend}
-    facts["padding_note"] = (
-        "Keras pads stride-2 convs exactly like TF 'SAME' only when the model has a fixed input shape; "
-        "built with input_shape=None (include_top=False) it pads as if every map were even"
-    )
-    card = {"weights": "as stored", "weights_policy": weights, "mixed_variables": [], "source": facts}
-    card["input_normalization"] = norm.to_card()
-    return _Plan(layout, plan, choice, keras.TABLE, card, (norm.mean, norm.std))
 
 
 def _skip_reasons(keys: list[str], used: set[str], choice: EmaChoice, table) -> dict[str, str]:
@@ -197,9 +111,7 @@ class _Scratch:
         self.moved = np.empty(nbytes, dtype=np.uint8)
 
     def read(self, reader, key: str) -> np.ndarray:
-        if isinstance(reader, TensorBundleReader):
-            return reader.read(key, out=self.raw)
-        return reader.read(key)  # Keras .h5: h5py allocates
+        return reader.read(key, out=self.raw)
 
     def transform(self, transform: str, array: np.ndarray) -> np.ndarray:
         if transforms.PERMUTATIONS[transform] is None:
@@ -257,7 +169,7 @@ def convert_checkpoint(
     src: str | os.PathLike,
     *,
     arch: str | None = None,
-    weights: str = "auto",
+    ema: str = "auto",
     allow_mixed: bool = False,
     variant: str | None = None,
     image_size: int | None = None,
@@ -265,9 +177,12 @@ def convert_checkpoint(
     dtype: str = "float32",
     progress: ProgressFn | None = None,
     sink: Sink | None = None,
+    weights: str | None = None,
 ) -> Conversion:
     """Read the checkpoint at `src` (TF dir, prefix, .index, tarball, or Keras .h5) into a state dict.
 
+    `ema`: "auto" takes the EMA copies when the checkpoint has them (as the official evaluator),
+    raw otherwise; "ema" or "raw" forces one (`weights=` is the deprecated name of `ema=`).
     The state dict has `layout`'s names (native: effconv's own model) and `dtype`. With a
     `sink`, each tensor goes to `sink(name, tensor)` as soon as it is converted, in the source's
     file order, and `Conversion.state_dict` stays empty: the tensor's memory is reused after the
@@ -276,6 +191,9 @@ def convert_checkpoint(
     """
     from effconv.output.hashing import hash_in_background
 
+    if weights is not None:  # the name before 0.2; in every other command --weights means a file
+        _warnings.warn("convert_checkpoint(weights=...) is deprecated: use ema=", DeprecationWarning, stacklevel=2)
+        ema = weights
     start = time.perf_counter()
     warnings: list[str] = []
     table = get_layout(layout)
@@ -286,11 +204,9 @@ def convert_checkpoint(
         hashes = hash_in_background(source.files)
         keys = reader.keys()
         shapes = {k: reader.info(k).shape for k in keys}
-        if source.format == "keras-h5":
-            planned = _plan_keras(source, shapes, arch, weights)
-        else:
-            planned = _plan_official(source, shapes, arch, weights, allow_mixed)
-        found, plan, choice = planned.layout, planned.plan, planned.choice
+        planned = source.format.plan(source, shapes, arch, ema, allow_mixed)
+        found, plan, choice = planned.detected, planned.plan, planned.choice
+        family = spec.family_of(found.arch)
         target_shapes, n_params = model_tensor_shapes(found.arch, found.num_classes)
         counters = {k for k in target_shapes if k.endswith("num_batches_tracked")}
         engine.check_plan(
@@ -344,12 +260,12 @@ def convert_checkpoint(
             "mixed_variables": planned.card["mixed_variables"],
             "layout": table.name,
             "dtype": dtype,
-            "bn_eps": spec.family_of(found.arch).bn_eps,
-            "padding": "tf-same",
+            "bn_eps": family.bn_eps,
+            "padding": family.padding,
             "parameters": n_params,
             "source": {
                 "path": str(source.origin),
-                "format": source.format,
+                "format": source.format.name,
                 **planned.card["source"],
                 "variables": len(keys),
                 "sha256": hashes.result(),

@@ -28,7 +28,7 @@ def choose_weights(
     `needed` are base (non-EMA) names; `available` the checkpoint's keys.
     """
     if policy not in POLICIES:
-        raise UsageError(f"--weights must be one of {', '.join(POLICIES)}, not {policy!r}")
+        raise UsageError(f"--ema must be one of {', '.join(POLICIES)}, not {policy!r}")
     has_ema = [n for n in needed if n + EMA_SUFFIX in available]
     has_raw = [n for n in needed if n in available]
     total = len(needed)
@@ -37,8 +37,8 @@ def choose_weights(
     if policy == "raw":
         if len(has_raw) < total and not allow_mixed:
             missing = [n for n in needed if n not in available]
-            hint = " (the checkpoint holds only EMA copies: use --weights ema)" if not has_raw else ""
-            raise MappingError(f"--weights raw: {len(missing)} of {total} variables have no raw copy{hint}")
+            hint = " (the checkpoint holds only EMA copies: use --ema ema)" if not has_raw else ""
+            raise MappingError(f"--ema raw: {len(missing)} of {total} variables have no raw copy{hint}")
         source = {n: n if n in available else n + EMA_SUFFIX for n in needed}
         fallback = tuple(n for n in needed if n not in available)
         return EmaChoice("mixed" if fallback else "raw", source, len(has_ema), len(has_raw), fallback)
@@ -47,7 +47,7 @@ def choose_weights(
         if not allow_mixed:
             raise MappingError(
                 f"only {len(has_ema)} of {total} model variables have an EMA copy "
-                f"(e.g. {lacking[0]} has none): use --weights raw, or --allow-mixed to take the "
+                f"(e.g. {lacking[0]} has none): use --ema raw, or --allow-mixed to take the "
                 "EMA copy where present and the raw one elsewhere"
             )
         source = {n: n + EMA_SUFFIX if n + EMA_SUFFIX in available else n for n in needed}

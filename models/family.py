@@ -145,13 +145,16 @@ def head_channels(family: Family, size: ArchSpec) -> int:
 
 
 def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
-    """Every block of `size` in official (flat) order: the first of a stage takes its stride and in -> out."""
+    """Every block of `size` in official (flat) order: the first of a stage takes its stride and in -> out.
+
+    A block's input is what the layer before it gives (the stem, or the block before): the
+    same as the stage's scaled input width, except where the stem keeps its base width.
+    """
     out: list[BlockSpec] = []
+    block_in = stem_channels(family, size)
     for stage_index, stage in enumerate(family.stages):
-        cin = family.round_channels(stage.in_channels, size.width)
         cout = family.round_channels(stage.out_channels, size.width)
         for i in range(family.round_repeats(stage.repeats, size.depth)):
-            block_in = cin if i == 0 else cout
             se_base = block_in if family.se_base == "block_in" else block_in * stage.expand
             out.append(
                 BlockSpec(
@@ -170,4 +173,5 @@ def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
                     padding=family.padding,
                 )
             )
+            block_in = cout
     return tuple(out)

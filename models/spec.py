@@ -26,6 +26,10 @@ ARCH_NAMES: tuple[str, ...] = tuple(ARCHS)
 OFFICIAL_NAMES: dict[str, str] = {f"{FAMILIES[a.family].official_prefix}{a.name}": a.name for a in ARCHS.values()}
 
 
+# For messages: what effconv knows, family by family.
+KNOWN_MODELS = "; ".join(f"{f.name} {'/'.join(s.name for s in f.sizes)}" for f in FAMILIES.values())
+
+
 def get_arch(name: str) -> ArchSpec:
     from effconv.errors import UsageError
 
@@ -73,3 +77,8 @@ def stage_ends(arch: str) -> tuple[int, ...]:
     """Index of the last block of each stage."""
     bl = blocks(arch)
     return tuple(b.index for b, nxt in zip(bl, bl[1:] + (None,), strict=True) if nxt is None or nxt.stage != b.stage)
+
+
+def archs_of_shape(num_blocks: int, stem: int, head: int) -> list[str]:
+    """The archs whose blocks number `num_blocks` and whose stem and head have these widths."""
+    return [a for a in ARCH_NAMES if (len(blocks(a)), stem_channels(a), head_channels(a)) == (num_blocks, stem, head)]

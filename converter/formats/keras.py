@@ -1,4 +1,6 @@
-"""What a Keras applications EfficientNet .h5 holds, and the input normalisation its graph applies.
+"""The Keras legacy .h5 format: what a Keras applications EfficientNet holds, and its graph's input normalisation.
+
+`FORMAT` is this format's entry in the registry (`effconv.formats`).
 
 Keras EfficientNet graphs normalise inside the model: `Rescaling(1/255)`, then
 `Normalization` with stored mean and variance. Keras applications' own ImageNet
@@ -11,14 +13,17 @@ into one per-channel mean/std on the 0-255 scale: `(x - mean) / std`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from effconv.errors import CheckpointError, UsageError
-from effconv.formats.keras_h5 import KerasH5Reader
-from effconv.mappings import keras
+from effconv.formats import Detected, OpenedSource, SourcePlan, TensorInfo
+from effconv.formats.keras_h5 import KerasH5Reader, is_keras_source
+from effconv.mappings import engine, keras
 from effconv.models import spec
 
 _BLOCK = re.compile(r"^block(\d+)([a-z])_")
@@ -40,6 +45,18 @@ class KerasLayout:
     head_channels: int
     normalization: str | None  # the Normalization layer's name
 
+    @property
+    def detected(self) -> Detected:
+        return Detected(
+            family=spec.get_arch(self.arch).family,
+            arch=self.arch,
+            num_classes=self.num_classes,
+            num_blocks=self.num_blocks,
+            stem_channels=self.stem_channels,
+            head_channels=self.head_channels,
+            facts={"depthwise": self.depthwise, "normalization": self.normalization},
+        )
+
 
 def _single(names: set[str], what: str) -> str | None:
     if len(names) > 1:
@@ -56,13 +73,10 @@ def detect_keras_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None 
             f"among its {len(shapes)} weights"
         )
     num_blocks = len({m.groups() for k in shapes if (m := _BLOCK.match(k))})
-    found = (num_blocks, stem[3], head[3])
-    fitting = [
-        a for a in spec.ARCH_NAMES if (len(spec.blocks(a)), spec.stem_channels(a), spec.head_channels(a)) == found
-    ]
+    fitting = spec.archs_of_shape(num_blocks, stem[3], head[3])
     described = f"{num_blocks} blocks, stem {stem[3]} and head {head[3]} channels"
     if not fitting:
-        raise CheckpointError(f"the Keras file has {described}, which fits no EfficientNet b0-b8/l2")
+        raise CheckpointError(f"the Keras file has {described}, which fits no {spec.KNOWN_MODELS}")
     if arch is not None and spec.get_arch(arch).name != fitting[0]:
         raise UsageError(
             f"--arch {spec.get_arch(arch).name} given, but the Keras file holds {fitting[0]} ({described})"
@@ -198,3 +212,92 @@ def keras_input_normalization(reader: KerasH5Reader, layout: KerasLayout) -> Inp
             raise CheckpointError(f"the Keras graph has a {kind} layer ({name}) before stem_conv; cannot fold it")
     out_mean, out_std = affine.mean_std()
     return InputNormalization(out_mean, out_std, "the graph saved in the file (model_config)", affine.steps)
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+class KerasH5Format:
+    """Keras applications' EfficientNetB0..B7 as legacy HDF5: weights files and whole-model files."""
+
+    name = "keras-h5"
+    title = "Keras .h5"
+
+    def sniff(self, path: Path) -> bool:
+        return is_keras_source(path)
+
+    def local_files(self, path: Path) -> tuple[Path, ...]:
+        return (path,) if path.is_file() else ()
+
+    @contextlib.contextmanager
+    def open(self, path: Path) -> Iterator[OpenedSource]:
+        with KerasH5Reader(path) as reader:
+            yield OpenedSource(self, reader, (path,), path, path)
+
+    def detect(self, shapes: Mapping[str, tuple[int, ...]], arch: str | None = None) -> Detected:
+        return detect_keras_layout(shapes, arch).detected
+
+    def _plan(self, layout: KerasLayout):
+        return engine.source_plan(keras.TABLE, layout.arch, layout.num_classes, depthwise=layout.depthwise)
+
+    def plan(self, source, shapes, arch, ema, allow_mixed) -> SourcePlan:
+        from effconv.ema_policy import EmaChoice
+
+        if ema != "auto":
+            raise UsageError(f"--ema {ema} applies to TF checkpoints; a Keras file holds one copy of each weight")
+        layout = detect_keras_layout(shapes, arch)
+        plan = self._plan(layout)
+        choice = EmaChoice("as stored", {m.source: m.source for m in plan}, 0, len(plan))
+        norm = keras_input_normalization(source.reader, layout)
+        reader = source.reader
+        facts = {"saved_as": reader.saved_as, "keras_version": reader.keras_version, "backend": reader.backend}
+        facts["padding_note"] = (
+            "Keras pads stride-2 convs exactly like TF 'SAME' only when the model has a fixed input shape; "
+            "built with input_shape=None (include_top=False) it pads as if every map were even"
+        )
+        card = {"weights": "as stored", "weights_policy": ema, "mixed_variables": [], "source": facts}
+        card["input_normalization"] = norm.to_card()
+        return SourcePlan(layout.detected, plan, choice, keras.TABLE, card, (norm.mean, norm.std))
+
+    def inspect(self, source: OpenedSource, infos: Mapping[str, TensorInfo]) -> dict:
+        reader = source.reader
+        report = {"saved_as": reader.saved_as, "keras_version": reader.keras_version, "backend": reader.backend}
+        layout = detect_keras_layout({k: i.shape for k, i in infos.items()})
+        norm = keras_input_normalization(reader, layout)
+        needed = {m.source for m in self._plan(layout)}
+        other = engine.classify_unused([k for k in infos if k not in needed], keras.TABLE)
+        return report | {
+            "family": layout.detected.family,
+            "arch": layout.arch,
+            "num_classes": layout.num_classes,
+            "blocks": layout.num_blocks,
+            "model_variables": len(needed),
+            "missing": sorted(n for n in needed if n not in infos),
+            "unknown_variables": sorted(k for k, r in other.items() if r == "unknown variable"),
+            "input_normalization": {"mean": norm.mean, "std": norm.std, **norm.to_card()},
+        }
+
+    def describe(self, report: dict) -> list[str]:
+        lines = [f"format:      Keras {report.get('keras_version')} legacy HDF5 {report.get('saved_as')} file"]
+        if report.get("arch") is None:
+            return lines
+        norm = report["input_normalization"]
+        lines += [
+            f"arch:        {report['arch']} ({report['blocks']} blocks)",
+            f"classes:     {report['num_classes'] or 'no classifier head'}",
+            f"input:       (x - {_rounded(norm['mean'])}) / {_rounded(norm['std'])} on 0-255 RGB, "
+            f"folded from {norm['graph']}",
+        ]
+        if norm.get("note"):
+            lines.append(f"note:        {norm['note']}")
+        return lines
+
+    def tf_reference(self, source: OpenedSource, arch: str, ema: str, allow_mixed: bool, say):
+        raise UsageError(
+            f"{source.origin} is a {self.title} file: effconv verify compares against TF checkpoints only "
+            "(running the Keras model itself as the reference is not built yet)"
+        )
+
+
+FORMAT = KerasH5Format()

@@ -327,15 +327,22 @@ class KerasH5Reader:
         except KeyError:
             raise KeyError(f"no weight {name!r} in {self.path}") from None
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One weight as an array: fresh, or a view into the front of `out` (a reused uint8 buffer)."""
         info = self.info(name)
+        if out is not None and (out.dtype != np.uint8 or out.ndim != 1 or out.size < info.nbytes):
+            raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {info.nbytes} bytes")
         try:
             array = np.asarray(self._datasets[name][()]).astype(info.dtype, copy=False)
         except _H5PY_ERRORS as e:
             raise CheckpointError(f"cannot read {name} from {self.path}: {_one_line(e)}") from None
         if array.shape != info.shape:
             raise CheckpointError(f"{name} in {self.path} has shape {array.shape}, not {info.shape}")
-        return np.ascontiguousarray(array)
+        if out is None:
+            return np.ascontiguousarray(array)
+        view = out[: info.nbytes].view(info.dtype).reshape(info.shape)
+        np.copyto(view, array)
+        return view
 
     def close(self) -> None:
         self._datasets.clear()

@@ -60,3 +60,24 @@ def test_unknown_arch_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown architecture"):
         spec.get_arch("b9")
     assert spec.get_arch("efficientnet-b3").name == "b3"
+
+
+def test_one_family_registered_with_the_b_family_figures():
+    from effconv.models.families import FAMILIES
+
+    assert list(FAMILIES) == ["efficientnet"]
+    family = spec.family_of("b5")
+    assert [s.name for s in family.sizes] == list(spec.ARCH_NAMES)
+    assert (family.activation, family.bn_eps, family.bn_momentum, family.padding) == ("swish", 1e-3, 0.01, "tf-same")
+    assert not family.fix_stem_head and family.se_base == "block_in" and family.round_up_below == 0.9
+    for arch in spec.ARCH_NAMES:
+        assert {b.kind for b in spec.blocks(arch)} == {"mbconv"}
+        assert all(b.has_se and b.activation == "swish" for b in spec.blocks(arch))
+        assert {b.variant for b in spec.blocks(arch)} == {"mbconv", "mbconv:no_expand"}
+
+
+def test_official_names_resolve_to_the_short_ones():
+    assert spec.get_arch("efficientnet-l2").name == "l2" and spec.get_arch("EfficientNet_B5").name == "b5"
+    assert spec.official_name("b5") == "efficientnet-b5"
+    assert spec.OFFICIAL_NAMES["efficientnet-b0"] == "b0" and len(spec.OFFICIAL_NAMES) == len(spec.ARCH_NAMES)
+    assert spec.archs_of_shape(16, 32, 1280) == ["b0"] and spec.archs_of_shape(23, 32, 1280) == ["b1"]
