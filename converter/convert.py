@@ -243,7 +243,7 @@ def convert_checkpoint(
         skipped = _skip_reasons(keys, {choice.source_of[m.source] for m in plan}, choice, planned.table)
         var_name, var_source = _resolve_variant(variant, source.origin, warnings, planned.mean_std)
         size = image_size or detect_image_size(found.arch, source.origin)
-        pre = preprocessing(var_name, size)
+        pre = preprocessing(var_name, size, found.arch)
         if planned.mean_std is not None:
             pre |= {"mean": planned.mean_std[0], "std": planned.mean_std[1], "normalization": "the Keras graph's"}
         card = {

@@ -8,13 +8,15 @@ from pathlib import PurePath
 
 from effconv.errors import UsageError
 from effconv.models import spec
+from effconv.models.families import FAMILIES
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+_B = FAMILIES["efficientnet"].preprocessing
+IMAGENET_MEAN = _B.mean
+IMAGENET_STD = _B.std
 ADVPROP_MEAN = (127.5, 127.5, 127.5)
 ADVPROP_STD = (127.5, 127.5, 127.5)
-CROP_PADDING = 32  # as when the checkpoints were released
-INTERPOLATION = "bicubic-tf1-legacy"  # tf.compat.v1.image.resize_bicubic, no half-pixel centres
+CROP_PADDING = _B.crop_padding  # 32: as when the checkpoints were released
+INTERPOLATION = _B.interpolation  # tf.compat.v1.image.resize_bicubic, no half-pixel centres
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,16 @@ def detect_image_size(arch: str, path: str | PurePath) -> int:
     return spec.get_arch(arch).resolution
 
 
-def preprocessing(variant: str, image_size: int) -> dict:
-    """The official evaluation preprocessing, as recorded in the model card."""
+def preprocessing(variant: str, image_size: int, arch: str = "b0") -> dict:
+    """The official evaluation preprocessing of `arch`'s family and `variant`, as recorded in the model card."""
     v = get_variant(variant)
+    default = spec.family_of(arch).preprocessing
     return {
         "image_size": image_size,
         "crop": "center",
-        "crop_padding": CROP_PADDING,
-        "crop_fraction": round(image_size / (image_size + CROP_PADDING), 6),
-        "interpolation": INTERPOLATION,
+        "crop_padding": default.crop_padding,
+        "crop_fraction": round(image_size / (image_size + default.crop_padding), 6),
+        "interpolation": default.interpolation,
         "input_range": "RGB 0-255, float, not clipped",
         "mean": list(v.mean),
         "std": list(v.std),
