@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import zlib
@@ -21,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from effconv.errors import CheckpointError
+from effconv.errors import CheckpointError, OutputError, one_line
 
 __all__ = ["MAX_EXTRACT_BYTES", "CheckpointFiles", "extract_checkpoint", "resolve_checkpoint"]
 
@@ -219,7 +218,7 @@ def _extract_checkpoint(tar_path: Path, dest: Path, max_bytes: int) -> Path:
             for member in chosen:
                 _extract_regular(tar, member, dest / PurePosixPath(member.name).name, tar_path)
     except _TAR_ERRORS as e:
-        raise CheckpointError(f"cannot extract a checkpoint from {tar_path}: {_one_line(e)}") from None
+        raise CheckpointError(f"cannot extract a checkpoint from {tar_path}: {one_line(e)}") from None
     return dest / prefix.name
 
 
@@ -234,15 +233,6 @@ def _list_members(tar: tarfile.TarFile, tar_path: Path) -> list[tarfile.TarInfo]
         if len(members) > _MAX_TAR_MEMBERS:
             raise CheckpointError(f"{tar_path} holds more than {_MAX_TAR_MEMBERS} members; not a checkpoint tarball")
     return members
-
-
-def _one_line(error: BaseException) -> str:
-    """tarfile lists the reason of each compression it tried on a line of its own: keep the CLI's one line."""
-    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
-    if not lines:
-        return type(error).__name__
-    head, *reasons = lines
-    return f"{head.rstrip(':')} ({'; '.join(reasons)})" if reasons else head
 
 
 def _choose_tar_prefix(tar: tarfile.TarFile, members: list[tarfile.TarInfo], tar_path: Path) -> PurePosixPath:
@@ -298,12 +288,31 @@ def _check_safe(members: list[tarfile.TarInfo], tar_path: Path, max_bytes: int) 
         )
 
 
+def _new_file(target: Path):
+    try:
+        return open(target, "xb", buffering=0)  # unbuffered: nothing left to fail in close()
+    except OSError as e:
+        raise OutputError(f"cannot create {target}: {e.strerror or e}") from e
+
+
+def _write_all(out, data: bytes, target: Path) -> None:
+    """A write that fails (a full disk) is not the tarball's fault: OutputError, not CheckpointError."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[out.write(view) :]
+    except OSError as e:
+        raise OutputError(f"cannot extract to {target}: {e.strerror or e}") from e
+
+
 def _extract_regular(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, tar_path: Path) -> None:
     source = tar.extractfile(member)
     if source is None:  # not reachable after _check_safe, kept for the type checker
         raise CheckpointError(f"{member.name} in {tar_path} is not a regular file")
-    with source, open(target, "xb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-        written = out.tell()
+    written = 0
+    with source, _new_file(target) as out:
+        while chunk := source.read(1 << 20):  # a read that fails is the tarball's fault: CheckpointError
+            _write_all(out, chunk, target)
+            written += len(chunk)
     if written != member.size:
         raise CheckpointError(f"{member.name} in {tar_path} is truncated ({written} of {member.size} bytes)")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from effconv.errors import CheckpointError, UsageError
-from effconv.formats import Detected, OpenedSource, SourcePlan, TensorInfo
+from effconv.formats.base import Detected, OpenedSource, SourcePlan, TensorInfo
 from effconv.formats.keras_h5 import KerasH5Reader, is_keras_source
 from effconv.mappings import engine, keras
 from effconv.models import spec

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effconv.errors import CheckpointError, EffconvError, UsageError
+from effconv.errors import CheckpointError, EffconvError, UsageError, one_line
 
 __all__ = [
     "HDF5_SIGNATURE",
@@ -104,11 +104,6 @@ def _short_name(weight_name: str) -> str:
     return weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def _import_h5py():
     try:
         import h5py
@@ -171,14 +166,14 @@ class KerasH5Reader:
         except FileNotFoundError:
             raise CheckpointError(f"no such file: {self.path}") from None
         except _H5PY_ERRORS as e:
-            raise CheckpointError(f"{self.path} is not a readable HDF5 file: {_one_line(e)}") from None
+            raise CheckpointError(f"{self.path} is not a readable HDF5 file: {one_line(e, typed=True)}") from None
         self._datasets: dict[str, object] = {}
         try:
             self._file_size = os.stat(self.path).st_size
             self._infos = self._index()
         except _H5PY_ERRORS as e:
             self._close_quietly()
-            raise CheckpointError(f"{self.path} is a corrupt HDF5 file: {_one_line(e)}") from None
+            raise CheckpointError(f"{self.path} is a corrupt HDF5 file: {one_line(e, typed=True)}") from None
         except BaseException:
             self._close_quietly()
             raise
@@ -310,13 +305,13 @@ class KerasH5Reader:
         try:
             raw = self._file.attrs.get("model_config")
         except _H5PY_ERRORS as e:
-            raise CheckpointError(f"{self.path}: cannot read model_config: {_one_line(e)}") from None
+            raise CheckpointError(f"{self.path}: cannot read model_config: {one_line(e, typed=True)}") from None
         if raw is None:
             return None
         try:
             return json.loads(_text(raw))
         except ValueError as e:
-            raise CheckpointError(f"{self.path}: model_config is not JSON: {_one_line(e)}") from None
+            raise CheckpointError(f"{self.path}: model_config is not JSON: {one_line(e, typed=True)}") from None
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -335,7 +330,7 @@ class KerasH5Reader:
         try:
             array = np.asarray(self._datasets[name][()]).astype(info.dtype, copy=False)
         except _H5PY_ERRORS as e:
-            raise CheckpointError(f"cannot read {name} from {self.path}: {_one_line(e)}") from None
+            raise CheckpointError(f"cannot read {name} from {self.path}: {one_line(e, typed=True)}") from None
         if array.shape != info.shape:
             raise CheckpointError(f"{name} in {self.path} has shape {array.shape}, not {info.shape}")
         if out is None:

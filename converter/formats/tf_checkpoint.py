@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effconv.errors import CheckpointError, UsageError
-from effconv.formats import Detected, OpenedSource, SourcePlan, TensorInfo
+from effconv.formats.base import Detected, OpenedSource, SourcePlan, TensorInfo
 from effconv.mappings import engine, official
 from effconv.models import spec
 

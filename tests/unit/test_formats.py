@@ -23,8 +23,8 @@ def test_find_format_by_name_and_signature(tmp_path, fixture_ckpt):
 
 
 def test_get_format_and_names():
-    names = [f.name for f in formats.formats()]
-    assert names == ["keras-h5", "tf-checkpoint"] and formats.formats()[-1].sniff(Path("anything"))
+    names = [f.name for f in formats.FORMATS]
+    assert names == ["keras-h5", "tf-checkpoint"] and formats.FORMATS[-1].sniff(Path("anything"))
     assert formats.get_format("keras-h5").title == "Keras .h5"
     with pytest.raises(UsageError, match="unknown source format 'onnx'"):
         formats.get_format("onnx")
