@@ -59,7 +59,7 @@ class Family:
     preprocessing: Preprocessing
     stem_channels: int = 32
     head_channels: int = 1280
-    fix_stem_head: bool = False  # stem and head keep their base width at every size
+    fix_stem_head: bool = False  # stem and head keep their base width, first and last stage their repeats
     activation: str = "swish"  # "swish", "relu6" or "relu": stem, blocks and head
     se_base: str = "block_in"  # squeeze-excite width from the block's input ("block_in") or expanded ("mid") width
     channel_divisor: int = 8
@@ -90,20 +90,17 @@ class BlockSpec:
     index: int
     stage: int
     kind: str
-    in_channels: int
+    in_channels: int  # what the layer before gives
     out_channels: int
     expand: int
     kernel: int
     stride: int
     se_channels: int  # 0: no squeeze-excite
+    mid_channels: int  # the expanded width: nominal input x expand ratio, or the input itself without expand
     activation: str = "swish"
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
     padding: str = "tf-same"
-
-    @property
-    def mid_channels(self) -> int:
-        return self.in_channels * self.expand
 
     @property
     def has_expand(self) -> bool:
@@ -147,15 +144,21 @@ def head_channels(family: Family, size: ArchSpec) -> int:
 def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
     """Every block of `size` in official (flat) order: the first of a stage takes its stride and in -> out.
 
-    A block's input is what the layer before it gives (the stem, or the block before): the
-    same as the stage's scaled input width, except where the stem keeps its base width.
+    The official builders size a block from its nominal input width (the stage's scaled input, then
+    its output): the expanded width and the squeeze-excite width. The block really reads what the
+    layer before gives, which differs only where the stem keeps its base width (`fix_stem_head`).
     """
     out: list[BlockSpec] = []
     block_in = stem_channels(family, size)
+    last = len(family.stages) - 1
     for stage_index, stage in enumerate(family.stages):
+        cin = family.round_channels(stage.in_channels, size.width)
         cout = family.round_channels(stage.out_channels, size.width)
-        for i in range(family.round_repeats(stage.repeats, size.depth)):
-            se_base = block_in if family.se_base == "block_in" else block_in * stage.expand
+        fixed = family.fix_stem_head and stage_index in (0, last)
+        repeats = stage.repeats if fixed else family.round_repeats(stage.repeats, size.depth)
+        for i in range(repeats):
+            nominal = cin if i == 0 else cout
+            se_base = nominal if family.se_base == "block_in" else nominal * stage.expand
             out.append(
                 BlockSpec(
                     index=len(out),
@@ -167,6 +170,7 @@ def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
                     kernel=stage.kernel,
                     stride=stage.stride if i == 0 else 1,
                     se_channels=0 if stage.se_ratio is None else max(1, int(se_base * stage.se_ratio)),
+                    mid_channels=nominal * stage.expand if stage.expand != 1 else block_in,
                     activation=family.activation,
                     bn_eps=family.bn_eps,
                     bn_momentum=family.bn_momentum,
