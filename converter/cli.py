@@ -1,6 +1,7 @@
 """The `effconv` command: a thin layer over the library that parses, prints and maps errors to exit codes.
 
-Exit codes: 0 success, 1 parity failure (verify), 2 bad input or usage, 130 interrupted.
+Exit codes: 0 success, 1 parity failure (verify), 2 bad input or usage, or an output that could not be
+written (a full disk), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,21 +15,34 @@ import sys
 from collections import Counter
 
 import click
+from click.core import ParameterSource
 
 from effconv import __version__
-from effconv.errors import EffconvError
+from effconv.ema_policy import POLICIES
+from effconv.errors import EffconvError, UsageError, one_line
 from effconv.mappings.layouts import LAYOUT_NAMES
-from effconv.models.spec import ARCH_NAMES
+from effconv.models.spec import ARCH_NAMES, OFFICIAL_NAMES
+from effconv.output.dtypes import WEIGHT_DTYPES
+from effconv.variants import VARIANTS
 
-VARIANT_NAMES = ("standard", "aa", "advprop", "noisystudent", "randaug")
+VARIANT_NAMES = tuple(VARIANTS)
+EMA_HELP = "auto: the EMA copies when the checkpoint has them (as the official evaluator), raw otherwise"
 SRC_HELP = "checkpoint directory, prefix (.../model.ckpt), .index file, or the .tar/.tar.gz as downloaded"
 KERAS_SRC_HELP = "; or a Keras applications EfficientNet .h5 (legacy HDF5 weights or model)"
 
 
+# Every arch by its short name (b5) or its official one (efficientnet-b5); the command sees the short one.
+ARCH_TYPE = click.Choice([*ARCH_NAMES, *OFFICIAL_NAMES], case_sensitive=False)
+ARCH_HELP = f"{', '.join(ARCH_NAMES)} (or the official name, e.g. {next(iter(OFFICIAL_NAMES))})"
+
+
+def _short_arch(_ctx, _param, value: str | None) -> str | None:
+    return None if value is None else OFFICIAL_NAMES.get(value.lower(), value.lower())
+
+
 def _fail(message: str, code: int) -> None:
     # One line whatever the message holds (torch's load_state_dict lists each mismatch on a line).
-    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
-    click.echo(f"effconv: error: {message}", err=True)
+    click.echo(f"effconv: error: {one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -45,6 +59,18 @@ def handles_errors(command):
             _fail("interrupted; nothing was written", 130)
 
     return wrapper
+
+
+def _renamed(new: str, value: str, old: str, old_value: str | None) -> str:
+    """The value of option `new`, once called `old`: the old name still works, with a warning on stderr."""
+    if old_value is None:
+        return value
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source(new.lstrip("-").replace("-", "_")) is not ParameterSource.DEFAULT
+    if given and value != old_value:
+        raise UsageError(f"{new} {value} contradicts {old} {old_value}, its deprecated name: give {new} only")
+    click.secho(f"effconv: warning: {ctx.info_name} {old} is deprecated: use {new} {old_value}", err=True, fg="yellow")
+    return old_value
 
 
 @contextlib.contextmanager
@@ -115,14 +141,15 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="output weights X.pth or X.safetensors; X.json is the card",
 )
-@click.option("--arch", type=click.Choice(ARCH_NAMES), help="expected arch; detected when omitted, error if it differs")
 @click.option(
-    "--weights",
-    type=click.Choice(["auto", "ema", "raw"]),
-    default="auto",
-    show_default=True,
-    help="auto: the EMA copies when the checkpoint has them (as the official evaluator), raw otherwise",
+    "--arch",
+    type=ARCH_TYPE,
+    callback=_short_arch,
+    metavar="ARCH",
+    help=f"expected arch, detected when omitted (error if it differs): {ARCH_HELP}",
 )
+@click.option("--ema", type=click.Choice(POLICIES), default="auto", show_default=True, help=EMA_HELP)
+@click.option("--weights", "old_ema", type=click.Choice(POLICIES), hidden=True, help="deprecated name of --ema")
 @click.option("--allow-mixed", is_flag=True, help="accept a checkpoint with EMA copies for only some variables")
 @click.option(
     "--variant",
@@ -140,7 +167,7 @@ def main() -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=click.Choice(WEIGHT_DTYPES),
     default="float32",
     show_default=True,
     help="weights dtype (batch-norm running statistics stay float32)",
@@ -153,17 +180,18 @@ def main() -> None:
     help="where `effconv download` put catalogue checkpoints, for --src NAME (default: the cache)",
 )
 @handles_errors
-def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, quiet, dest, layout, dtype):
+def convert(src, out, arch, ema, old_ema, allow_mixed, variant, image_size, force, quiet, dest, layout, dtype):
     """Convert a checkpoint to a PyTorch state dict (X.pth) plus model card (X.json).
 
     --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
     """
-    from effconv.formats import checkpoint_files as source
+    from effconv import formats
     from effconv.output import hashing
     from effconv.zoo.download import resolve_source
 
+    ema = _renamed("--ema", ema, "--weights", old_ema)  # --weights names a converted file elsewhere
     src, variant, image_size = resolve_source(src, variant, image_size, dest)
-    hashing.prefetch(source.local_checkpoint_files(src))  # the sha256s for the card, while torch imports
+    hashing.prefetch(formats.local_files(src))  # the sha256s for the card, while torch imports
     with _heavy_imports():
         from effconv.convert import convert_checkpoint
         from effconv.output.artifact import ArtifactWriter
@@ -174,7 +202,7 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
             result = convert_checkpoint(
                 src,
                 arch=arch,
-                weights=weights,
+                ema=ema,
                 allow_mixed=allow_mixed,
                 variant=variant,
                 image_size=image_size,
@@ -190,14 +218,16 @@ def convert(src, out, arch, weights, allow_mixed, variant, image_size, force, qu
             click.secho(f"effconv: warning: {warning}", err=True, fg="yellow")
         weights_path, card_path = artifact.commit(result.card, result.order)
     if not quiet:
-        card = result.card
+        from effconv.card import ModelCard
+
+        card = ModelCard.from_json(result.card, where="the conversion's model card")
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(result.skipped.values()).most_common())
         click.echo(
-            f"converted efficientnet-{card['arch']} ({card['num_classes']} classes, variant {card['variant']}, "
-            f"{card['weights'].upper()} weights)\n"
-            f"  {card['mapped']} tensors mapped, {len(result.skipped)} skipped ({reasons or 'none'})\n"
-            f"  {card['parameters']:,} parameters in {result.seconds:.2f} s "
-            f"({card['layout']} layout, {card['dtype']})\n"
+            f"converted efficientnet-{card.arch} ({card.num_classes} classes, variant {card.variant}, "
+            f"{card.weights.upper()} weights)\n"
+            f"  {card.mapped} tensors mapped, {len(result.skipped)} skipped ({reasons or 'none'})\n"
+            f"  {card.parameters:,} parameters in {result.seconds:.2f} s "
+            f"({card.layout} layout, {card.dtype})\n"
             f"  wrote {weights_path} and {card_path}"
         )
 
@@ -215,7 +245,7 @@ def inspect(src, as_json):
 
 
 @main.command()
-@click.option("--arch", required=True, type=click.Choice(ARCH_NAMES))
+@click.option("--arch", required=True, type=ARCH_TYPE, callback=_short_arch, metavar="ARCH", help=ARCH_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="directory to create")
 @click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(0), help="0: no head")
 @click.option("--ema-only", is_flag=True, help="only EMA copies, like the released L2 checkpoints")
@@ -225,8 +255,6 @@ def inspect(src, as_json):
 def synth(arch, out, num_classes, ema_only, seed, force):
     """Write a random, well-scaled checkpoint in the official format (needs TensorFlow)."""
     from pathlib import Path
-
-    from effconv.errors import UsageError
 
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not force:
@@ -261,12 +289,13 @@ def synth(arch, out, num_classes, ema_only, seed, force):
 @click.option("--rtol", default=0.0, show_default=True, type=float, help="tolerance relative to max |TF logit|")
 @click.option("--per-layer", is_flag=True, help="compare every endpoint (automatic when logits fail)")
 @click.option(
-    "--weights-policy",
-    type=click.Choice(["auto", "ema", "raw"]),
+    "--ema",
+    type=click.Choice(POLICIES),
     default="auto",
     show_default=True,
     help="EMA choice for an in-memory conversion (ignored with --weights: the card decides)",
 )
+@click.option("--weights-policy", "old_ema", type=click.Choice(POLICIES), hidden=True, help="deprecated: --ema")
 @click.option("--allow-mixed", is_flag=True, help="accept partial EMA coverage (in-memory conversion)")
 @click.option("--variant", type=click.Choice(VARIANT_NAMES), help="preprocessing for --images (in-memory conversion)")
 @click.option(
@@ -289,7 +318,8 @@ def verify(
     atol,
     rtol,
     per_layer,
-    weights_policy,
+    ema,
+    old_ema,
     allow_mixed,
     variant,
     reports,
@@ -303,6 +333,7 @@ def verify(
     from effconv.parity.verify import load_inputs
     from effconv.parity.verify import verify as run_verify
 
+    ema = _renamed("--ema", ema, "--weights-policy", old_ema)
     report_paths = check_report_paths(reports)
     batch_given = load_inputs(inputs) if inputs else None
     status = _StatusLine(quiet)
@@ -318,7 +349,7 @@ def verify(
             atol=atol,
             rtol=rtol,
             per_layer=per_layer,
-            weights=weights_policy,
+            ema=ema,
             allow_mixed=allow_mixed,
             variant=variant,
             say=status,
@@ -401,7 +432,7 @@ def download(names, dest, base_url, extract, force, retries, quiet):
 @handles_errors
 def predict(weights, images, top_k, as_json):
     """Classify images, preprocessed exactly as the model card says (ImageNet class names for 1000 classes)."""
-    from effconv.models.loading import load
+    from effconv.output.loading import load
     from effconv.zoo.inference import predict as run_predict
 
     results = run_predict(load(weights), list(images), top_k=top_k)
@@ -432,8 +463,8 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
     import torch
     from tqdm import tqdm
 
-    from effconv.errors import UsageError
-    from effconv.models.loading import load
+    from effconv.output.loading import load
+    from effconv.output.writing import writing
     from effconv.zoo.evaluation import evaluate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -459,10 +490,8 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
         )
     finally:
         bar.close()
-    try:
+    with writing(out):
         out.write_text(json.dumps({"weights": weights, **result.to_dict()}, indent=2) + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
     click.echo(
         f"top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  on {result.images} images "
         f"({result.images_per_second:.1f} images/s on {device}); wrote {out}"

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from effconv import __version__
+from effconv.card import ModelCard
 from effconv.ema_policy import EmaChoice
 from effconv.errors import MappingError, UsageError
 from effconv.formats import Detected, open_source
@@ -28,12 +29,13 @@ from effconv.mappings.layouts import CARD_SECTIONS, get_layout
 from effconv.mappings.official import EMA_SUFFIX
 from effconv.models import spec
 from effconv.models.efficientnet import model_tensor_shapes
+from effconv.output.dtypes import WEIGHT_DTYPES
 from effconv.variants import detect_image_size, detect_variant, get_variant, preprocessing
 
 CARD_FORMAT = "effconv-model-card/1"
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total)
 Sink = Callable[[str, torch.Tensor], None]  # (name, tensor valid during the call only)
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in WEIGHT_DTYPES}
 # Batch-norm running statistics stay float32 in every dtype: a variance of 1e-5 is 0 in float16.
 FLOAT32_SUFFIXES = (".running_mean", ".running_var")
 
@@ -43,7 +45,7 @@ class Conversion:
     """The converted tensors (empty when they went to a sink), the model card and the figures of the run."""
 
     state_dict: dict[str, torch.Tensor]
-    card: dict
+    card: ModelCard
     detected: Detected  # what the source holds
     choice: EmaChoice
     order: list[str]  # the state dict's names, in the model's order
@@ -250,6 +252,7 @@ def convert_checkpoint(
             "format": CARD_FORMAT,
             "effconv_version": __version__,
             "arch": found.arch,
+            "family": found.family,
             "variant": var_name,
             "variant_source": var_source,
             "num_classes": found.num_classes,
@@ -277,6 +280,7 @@ def convert_checkpoint(
             card["input_normalization"] = planned.card["input_normalization"]
         if table.name in CARD_SECTIONS:
             card[table.name] = CARD_SECTIONS[table.name](card)
+        card = ModelCard.from_json(card, "the card of this conversion")
     if choice.used == "mixed":
         warnings.append(f"{len(choice.mixed)} variables use the other copy than asked (--allow-mixed)")
     return Conversion(state, card, found, choice, order, skipped, warnings, time.perf_counter() - start)

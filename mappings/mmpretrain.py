@@ -8,6 +8,7 @@ head conv is the layer after the last block layer. Each conv is a ConvModule
 
 from __future__ import annotations
 
+from effconv.card import ModelCard
 from effconv.mappings.tables import LayoutTable
 from effconv.models import spec
 from effconv.variants import ADVPROP_MEAN, ADVPROP_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -56,12 +57,16 @@ def model_name(arch: str, image_size: int, zero_one_norm: bool) -> str | None:
     return None if arch == "b8" else f"efficientnet-{arch}_3rdparty_8xb32-aa_in1k"  # no ImageNet-norm b8 model
 
 
-def card_section(card: dict) -> dict:
-    """The matching mmpretrain config, the model it builds and the data preprocessor the weights need."""
-    arch, size, pre = card["arch"], int(card["image_size"]), card["preprocessing"]
-    zero_one = _is(pre["mean"], ADVPROP_MEAN) and _is(pre["std"], ADVPROP_STD)
+def card_section(card: ModelCard | dict) -> dict:
+    """The matching mmpretrain config, the model it builds and the data preprocessor the weights need.
+
+    `card`: a model card, or its JSON (the dict a conversion is building).
+    """
+    card = ModelCard.from_json(card, where="the model card for mmpretrain")
+    arch, size, pre = card.arch, card.input_size(), card.needs_preprocessing("mmpretrain's data_preprocessor needs it")
+    zero_one = _is(pre.mean, ADVPROP_MEAN) and _is(pre.std, ADVPROP_STD)
     name = config_name(arch, size, zero_one)
-    num_classes = int(card["num_classes"])
+    num_classes = card.num_classes
     head = (
         {"type": "LinearClsHead", "num_classes": num_classes, "in_channels": spec.head_channels(arch)}
         if num_classes
@@ -76,10 +81,10 @@ def card_section(card: dict) -> dict:
             "neck": {"type": "GlobalAveragePooling"},
             "head": head,
         },
-        "data_preprocessor": {"mean": list(pre["mean"]), "std": list(pre["std"]), "to_rgb": True},
+        "data_preprocessor": {"mean": list(pre.mean), "std": list(pre.std), "to_rgb": True},
         "checkpoint": "torch .pth: {'state_dict': ..., 'meta': model card}; .safetensors: the bare state dict",
     }
     config_norm = (ADVPROP_MEAN, ADVPROP_STD) if zero_one else (IMAGENET_MEAN, IMAGENET_STD)
-    if (arch == "l2" and zero_one) or not (_is(pre["mean"], config_norm[0]) and _is(pre["std"], config_norm[1])):
+    if (arch == "l2" and zero_one) or not (_is(pre.mean, config_norm[0]) and _is(pre.std, config_norm[1])):
         section["note"] = f"{name}'s data_preprocessor differs from this model's: use the data_preprocessor above"
     return section

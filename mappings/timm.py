@@ -6,6 +6,7 @@ separable block) numbers its batch norms bn1, bn2; the others bn1..bn3.
 
 from __future__ import annotations
 
+from effconv.card import ModelCard
 from effconv.mappings.tables import LayoutTable
 
 _SE = (("se.reduce", "se.conv_reduce"), ("se.expand", "se.conv_expand"))
@@ -51,10 +52,14 @@ def model_name(arch: str) -> str:
     return f"tf_efficientnet_{arch}"
 
 
-def card_section(card: dict) -> dict:
-    """What timm needs beside the weights: the model name and a timm-style `pretrained_cfg`."""
-    arch, size, pre = card["arch"], int(card["image_size"]), card["preprocessing"]
-    tag = TAGS.get(card["variant"], "in1k") + ("_475" if arch == "l2" and size == 475 else "")
+def card_section(card: ModelCard | dict) -> dict:
+    """What timm needs beside the weights: the model name and a timm-style `pretrained_cfg`.
+
+    `card`: a model card, or its JSON (the dict a conversion is building).
+    """
+    card = ModelCard.from_json(card, where="the model card for timm")
+    arch, size, pre = card.arch, card.input_size(), card.needs_preprocessing("timm's pretrained_cfg needs it")
+    tag = TAGS.get(card.variant, "in1k") + ("_475" if arch == "l2" and size == 475 else "")
     name = model_name(arch)
     return {
         "model_name": name,
@@ -63,13 +68,13 @@ def card_section(card: dict) -> dict:
             "tag": tag,
             "input_size": [3, size, size],
             "interpolation": "bicubic",
-            "crop_pct": round(float(pre["crop_fraction"]), 3),
+            "crop_pct": round(float(pre.crop_fraction), 3),
             "crop_mode": "center",
-            "mean": [round(m / 255.0, 8) for m in pre["mean"]],
-            "std": [round(s / 255.0, 8) for s in pre["std"]],
-            "num_classes": int(card["num_classes"]),
+            "mean": [round(m / 255.0, 8) for m in pre.mean],
+            "std": [round(s / 255.0, 8) for s in pre.std],
+            "num_classes": card.num_classes,
             "first_conv": "conv_stem",
             "classifier": "classifier",
         },
-        "create": f"timm.create_model({name!r}, pretrained=False, num_classes={int(card['num_classes'])})",
+        "create": f"timm.create_model({name!r}, pretrained=False, num_classes={card.num_classes})",
     }

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from effconv.models.efficientnet import EfficientNet, create_model
-    from effconv.models.loading import load
+    from effconv.output.loading import load
 
 __all__ = ["EfficientNet", "create_model", "load"]
 
@@ -18,7 +18,9 @@ def __getattr__(name: str):
 
         return getattr(efficientnet, name)
     if name == "load":
-        from effconv.models.loading import load
+        # The one name taken from the converter: `load` reads artifacts (effconv.output), which models/
+        # does not import; it lives in effconv.output.loading and is re-exported here, lazily, for the API.
+        from effconv.output.loading import load
 
         return load
     raise AttributeError(name)

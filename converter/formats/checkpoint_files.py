@@ -20,7 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from effconv.errors import CheckpointError, OutputError, one_line
+from effconv.errors import CheckpointError, one_line
+from effconv.output import writing
 
 __all__ = ["MAX_EXTRACT_BYTES", "CheckpointFiles", "extract_checkpoint", "resolve_checkpoint"]
 
@@ -288,31 +289,14 @@ def _check_safe(members: list[tarfile.TarInfo], tar_path: Path, max_bytes: int) 
         )
 
 
-def _new_file(target: Path):
-    try:
-        return open(target, "xb", buffering=0)  # unbuffered: nothing left to fail in close()
-    except OSError as e:
-        raise OutputError(f"cannot create {target}: {e.strerror or e}") from e
-
-
-def _write_all(out, data: bytes, target: Path) -> None:
-    """A write that fails (a full disk) is not the tarball's fault: OutputError, not CheckpointError."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[out.write(view) :]
-    except OSError as e:
-        raise OutputError(f"cannot extract to {target}: {e.strerror or e}") from e
-
-
 def _extract_regular(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, tar_path: Path) -> None:
     source = tar.extractfile(member)
     if source is None:  # not reachable after _check_safe, kept for the type checker
         raise CheckpointError(f"{member.name} in {tar_path} is not a regular file")
     written = 0
-    with source, _new_file(target) as out:
-        while chunk := source.read(1 << 20):  # a read that fails is the tarball's fault: CheckpointError
-            _write_all(out, chunk, target)
+    with source, writing.create(target) as out:
+        while chunk := source.read(1 << 20):  # a read that fails is the tarball's: CheckpointError, above
+            writing.write_all(out, chunk, target)  # a write that fails (a full disk) is not: OutputError
             written += len(chunk)
     if written != member.size:
         raise CheckpointError(f"{member.name} in {tar_path} is truncated ({written} of {member.size} bytes)")

@@ -10,13 +10,32 @@ import contextlib
 import glob
 import json
 import os
+import pickle
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from effconv.errors import UsageError
+from effconv.card import ModelCard
+from effconv.errors import OutputError, UsageError, one_line
 
+# What torch.load(weights_only=True) and safetensors raise for a file that is not what it claims
+# (each was seen on mutated and truncated files: tests/robustness/test_untrusted_weights.py).
+_LOAD_ERRORS = (
+    pickle.UnpicklingError,  # weights_only refused the pickle, or it is no pickle
+    OSError,
+    EOFError,
+    RuntimeError,  # not a zip archive, a record of the wrong size
+    ValueError,  # UnicodeDecodeError among them
+    LookupError,
+    TypeError,
+    AttributeError,
+    AssertionError,  # the legacy format: a storage key that is not in the file
+    struct.error,
+    SafetensorError,
+)
 TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
@@ -41,7 +60,7 @@ def check_output(out: str | os.PathLike, force: bool) -> tuple[Path, Path]:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise UsageError(f"output directory is not writable: {parent} ({e.strerror or e})") from None
+        raise OutputError(f"output directory is not writable: {parent} ({e.strerror or e})") from None
     for path in (out, card):
         if path.is_dir():
             raise UsageError(f"output path is a directory: {path}")
@@ -118,18 +137,16 @@ class ArtifactWriter:
         for path in (self.out, self.card_file):
             _remove_stale_temporaries(path)
         self.safetensors = self.out.suffix == SAFETENSORS_SUFFIX
-        self._temps = [_new_temporary(self.out)]
+        self._temps: list[Path] = []
         self._kept: dict[str, torch.Tensor] = {}
         self._writer = None
         self._done = False
-        if not self.safetensors:
-            from effconv.output.streaming_save import StreamingStateDictWriter
+        with self._write_errors():
+            self._temps.append(_new_temporary(self.out))
+            if not self.safetensors:
+                from effconv.output.streaming_save import StreamingStateDictWriter
 
-            try:
                 self._writer = StreamingStateDictWriter(self._temps[0])
-            except BaseException:
-                self.discard()
-                raise
 
     def add(self, name: str, tensor: torch.Tensor, owned: bool = False) -> None:
         """Write (or, for safetensors, keep) one tensor; `owned`: the caller will not reuse its memory."""
@@ -138,12 +155,13 @@ class ArtifactWriter:
         if self._writer is None:
             if name in self._kept:
                 raise UsageError(f"tensor {name!r} written twice")
-            self._kept[name] = tensor if owned else tensor.clone()
+            # contiguous, as save_file requires (a .pth is streamed contiguous whatever the strides)
+            self._kept[name] = tensor.contiguous() if owned else tensor.clone(memory_format=torch.contiguous_format)
             return
         with self._write_errors():
             self._writer.add(name, tensor)
 
-    def commit(self, card: dict, order: list[str] | None = None) -> tuple[Path, Path]:
+    def commit(self, card: dict | ModelCard, order: list[str] | None = None) -> tuple[Path, Path]:
         """Finish the weights (names in `order`, default as added) and the card; rename both into place."""
         if self._done:
             raise UsageError(f"the artifact {self.out} is already committed or discarded")
@@ -183,19 +201,18 @@ class ArtifactWriter:
 
     @contextlib.contextmanager
     def _write_errors(self):
-        """Turn a failed write into one clear UsageError, the artifact discarded."""
+        """Discard the artifact on any error; a failed write (a full disk) becomes one OutputError.
+
+        Anything else (a card that is not JSON, a bug) is raised as it is: it is no disk problem.
+        """
         try:
             yield
-        except UsageError:
+        except OSError as e:  # our writers, the card, the renames
             self.discard()
-            raise
-        except OSError as e:
+            raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
+        except SafetensorError as e:  # save_file's I/O errors: "Error while serializing: I/O error: ..."
             self.discard()
-            raise UsageError(f"cannot write {self.out}: {e.strerror or e}") from e
-        except Exception as e:  # torch and safetensors report a failed write (a full disk) in types of their own
-            self.discard()
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"cannot write {self.out} (is the disk full?): {reason}") from e
+            raise OutputError(f"cannot write {self.out}: {one_line(e)}") from e
         except BaseException:
             self.discard()
             raise
@@ -208,7 +225,9 @@ class ArtifactWriter:
             self.discard()
 
 
-def write_artifact(state_dict: dict[str, torch.Tensor], card: dict, out: str | os.PathLike, force: bool = False):
+def write_artifact(
+    state_dict: dict[str, torch.Tensor], card: dict | ModelCard, out: str | os.PathLike, force: bool = False
+):
     """Save `state_dict` to `out` (.pth/.pt or .safetensors) and `card` beside it; returns (weights, card) paths.
 
     Both files are complete on disk before either is renamed into place, so an
@@ -232,8 +251,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # both libraries raise many types for a file that is not what it claims
-        raise UsageError(f"cannot load {path} as a state dict: {str(e).splitlines()[0]}") from e
+    except _LOAD_ERRORS as e:
+        raise UsageError(f"cannot load {path} as a state dict: {one_line(e, max_lines=1)}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "meta" in state:
         state = state["state_dict"]  # mmpretrain's wrapping
     if not isinstance(state, dict):
@@ -241,8 +260,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "native") -> dict:
-    """The model card beside `weights_path`; with `expect_layout`, refuse a card of another layout.
+def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "native") -> ModelCard:
+    """The model card beside `weights_path`, checked; with `expect_layout`, refuse a card of another layout.
 
     effconv's own loader builds the native model only: a timm or mmpretrain artifact
     is refused with a message naming the library that loads it.
@@ -251,22 +270,18 @@ def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "nati
     if not path.is_file():
         raise UsageError(f"model card not found: {path} (it is written beside the weights by effconv convert)")
     try:
-        card = json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"model card {path} is not readable JSON: {e}") from e
-    if not isinstance(card, dict):
-        raise UsageError(f"model card {path} is not a JSON object")
-    layout = card.get("layout", "native")
-    if not isinstance(layout, str):
-        raise UsageError(f"model card {path} has no valid 'layout' (got {layout!r})")
-    if expect_layout is not None and layout != expect_layout:
+    card = ModelCard.from_json(obj, where=f"the model card {path}")
+    if expect_layout is not None and card.layout != expect_layout:
         from effconv.mappings.layouts import LAYOUTS
 
-        library = LAYOUTS[layout].library if layout in LAYOUTS else "the library it was written for"
-        section = card.get(layout) if isinstance(card.get(layout), dict) else {}
+        library = LAYOUTS[card.layout].library if card.layout in LAYOUTS else "the library it was written for"
+        section = card.layout_section or {}
         hint = section.get("create") or (f"config {section['config']}" if "config" in section else None)
         raise UsageError(
-            f"{weights_path} holds the {layout} layout: load it with {library}"
+            f"{weights_path} holds the {card.layout} layout: load it with {library}"
             + (f" ({hint})" if hint else "")
             + f"; effconv loads {expect_layout} artifacts (effconv convert --layout {expect_layout})"
         )

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effconv.errors import ParityError, UsageError
+from effconv.errors import OutputError, ParityError, UsageError, one_line
+from effconv.output.writing import writing
 
 DEFAULT_ATOL = 1e-4
 CHECK_BATCHES = (2, 1)  # two batch sizes: the free batch dimension is exercised too
@@ -82,11 +83,11 @@ def export_onnx(
     batches and its output must match PyTorch's within `atol` (max abs), else
     ParityError (nothing is left at `onnx_path`).
     """
-    from effconv.models import load
+    from effconv.output.loading import load
 
     target = _check_target(onnx_path, force)
     model = load(weights)
-    return export_model(model, target, int(input_size or model.card["image_size"]), check=check, atol=atol, opset=opset)
+    return export_model(model, target, int(input_size or model.card.input_size()), check=check, atol=atol, opset=opset)
 
 
 def export_model(
@@ -111,16 +112,19 @@ def export_model(
     # Written in a temporary folder beside the target, then moved into place: never half a file under
     # the target's name. Over 2 GB (l2) the tensors go to an external data file next to it.
     parent = target.parent if str(target.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    with writing(target):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
     try:
-        program.save(staging / target.name)
+        with writing(target):
+            program.save(staging / target.name)
         diff = _check_with_onnxruntime(ort, model, staging / target.name, input_size, output_name) if check else None
         if diff is not None and not diff <= atol:
             raise ParityError(f"onnxruntime differs from PyTorch by {diff:.3g} (max abs) > {atol:g}; nothing written")
         files = []
-        for f in sorted(staging.iterdir(), key=lambda f: f.name != target.name):
-            os.replace(f, parent / f.name)
-            files.append(parent / f.name)
+        with writing(target):
+            for f in sorted(staging.iterdir(), key=lambda f: f.name != target.name):
+                os.replace(f, parent / f.name)
+                files.append(parent / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return OnnxExport(target, model.arch, input_size, output_name, files, diff)
@@ -141,9 +145,9 @@ def _export(model: torch.nn.Module, example: torch.Tensor, output_name: str, ops
                 dynamic_shapes={"x": {0: batch}},
                 opset_version=opset,
             )
-        except Exception as e:  # the exporter raises many types; say what failed, with its log
-            log = quiet.getvalue().strip().splitlines()[-3:]
-            raise UsageError(f"ONNX export failed: {str(e).strip().splitlines()[0]} {' | '.join(log)}") from e
+        except torch.onnx.OnnxExporterError as e:  # TorchExportError, ConversionError: what failed, with its log
+            log = one_line("\n".join(quiet.getvalue().splitlines()[-3:]))
+            raise OutputError(f"ONNX export failed: {one_line(e, max_lines=1)}" + (f" ({log})" if log else "")) from e
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ _started: dict[_FileKey, Future[str]] = {}
 _lock = threading.Lock()
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in large blocks (model cards, downloads and verify all use this one)."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(_CHUNK)

@@ -181,7 +181,8 @@ class StreamingStateDictWriter:
     def abort(self) -> None:
         """Give up on the file (its content is undefined) without raising."""
         self._closed = True
-        with contextlib.suppress(Exception):  # the file is being abandoned; the first error was raised
+        # close() flushes what is buffered, which fails again on a full disk: the first error was raised.
+        with contextlib.suppress(OSError):
             self._file.close()
 
     def __enter__(self) -> StreamingStateDictWriter:

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from effconv.errors import UsageError
+from effconv.errors import OutputError, UsageError
 
 REPORT_SUFFIXES = (".json", ".md", ".xml", ".png")
 
@@ -137,4 +137,4 @@ def write_reports(reports: Sequence[dict], paths: Sequence[Path]) -> None:
         try:
             WRITERS[p.suffix](reports, p)
         except OSError as e:
-            raise UsageError(f"cannot write report {p}: {e.strerror or e}") from e
+            raise OutputError(f"cannot write report {p}: {e.strerror or e}") from e

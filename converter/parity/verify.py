@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from effconv import __version__
+from effconv.card import ModelCard
 from effconv.errors import UsageError
 
 DEFAULT_ATOL = 1e-3
@@ -196,43 +197,25 @@ def random_batch(batch: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32)
 
 
-def _tf_reference(prefix: Path, arch: str, policy: str, allow_mixed: bool, say: Say):
-    """Our TF reference model with weights read by TensorFlow itself, by official name."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the report
-    import tensorflow as tf
-
-    from effconv.ema_policy import choose_weights
-    from effconv.formats.tf_checkpoint import detect_layout
-    from effconv.models.tf_reference import TFReferenceModel, official_variable_shapes
-
-    say("TensorFlow: reading the checkpoint")
-    reader = tf.train.load_checkpoint(str(prefix))
-    shapes = {k: tuple(v) for k, v in reader.get_variable_to_shape_map().items()}
-    layout = detect_layout(shapes, arch)
-    needed = list(official_variable_shapes(layout.arch, layout.num_classes, layout.bn, layout.prefix))
-    choice = choose_weights(needed, shapes, policy, allow_mixed)
-    weights = {n: reader.get_tensor(choice.source_of[n]) for n in needed}
-    return TFReferenceModel(layout.arch, weights, layout.num_classes, layout.bn, layout.prefix), layout, choice
-
-
 def _torch_side(src, artifact: str | None, policy: str, allow_mixed: bool, variant: str | None, say: Say):
     from effconv.convert import convert_checkpoint
     from effconv.models.efficientnet import EfficientNet
-    from effconv.models.loading import load
+    from effconv.output.loading import load
 
     if artifact is not None:
         say(f"PyTorch: loading {artifact}")
         model = load(artifact)
         return model, model.card
     say("PyTorch: converting in memory")
-    result = convert_checkpoint(src, weights=policy, allow_mixed=allow_mixed, variant=variant)
-    model = EfficientNet(result.card["arch"], result.card["num_classes"])
+    result = convert_checkpoint(src, ema=policy, allow_mixed=allow_mixed, variant=variant)
+    card = ModelCard.from_json(result.card, where="the in-memory conversion's model card")  # a dict, or a card
+    model = EfficientNet(card.arch, card.num_classes)
     model.load_state_dict(result.state_dict, strict=True)
-    return model.eval(), result.card
+    return model.eval(), card
 
 
-def _policy_from_card(card: dict) -> tuple[str, bool]:
-    used = card.get("weights", "auto")
+def _policy_from_card(card: ModelCard) -> tuple[str, bool]:
+    used = card.weights or "auto"
     return ("auto", True) if used == "mixed" else (used, False)
 
 
@@ -248,13 +231,17 @@ def verify(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     per_layer: bool = False,
-    weights: str = "auto",
+    ema: str = "auto",
     allow_mixed: bool = False,
     variant: str | None = None,
     say: Say | None = None,
 ) -> VerifyReport:
-    """Compare TF and PyTorch on seeded N(0,1) batches (and optionally real images)."""
-    from effconv.formats.checkpoint_files import resolve_checkpoint
+    """Compare TF and PyTorch on seeded N(0,1) batches (and optionally real images).
+
+    `ema` picks the checkpoint's copies for an in-memory conversion (as `convert_checkpoint`); with
+    `artifact`, the copies its card records are used.
+    """
+    from effconv.formats import open_source
     from effconv.output.hashing import sha256_file
 
     say = say or (lambda _m: None)
@@ -263,27 +250,27 @@ def verify(
     if atol < 0 or rtol < 0:
         raise UsageError("--atol and --rtol must not be negative")
     artifact = str(artifact) if artifact is not None else None
-    torch_model, card = _torch_side(src, artifact, weights, allow_mixed, variant, say)
+    torch_model, card = _torch_side(src, artifact, ema, allow_mixed, variant, say)
     if artifact is not None:
-        weights, allow_mixed = _policy_from_card(card)
+        ema, allow_mixed = _policy_from_card(card)
     notes: list[str] = []
-    with resolve_checkpoint(src) as files:
-        source = card.get("source")
-        recorded = source.get("sha256") if isinstance(source, dict) else None
+    with open_source(src) as source:
+        recorded = card.source_sha256
         if artifact is None:  # the in-memory conversion just hashed these very files
             hashes = recorded
         else:
             say("hashing the checkpoint")
-            hashes = {p.name: sha256_file(p) for p in files.files}
+            hashes = {p.name: sha256_file(p) for p in source.files}
         if artifact is not None and recorded and recorded != hashes:
             notes.append("the artifact's card records other source hashes: it was converted from another checkpoint")
-        tf_model, layout, choice = _tf_reference(files.prefix, card["arch"], weights, allow_mixed, say)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter would bury the report
+        tf_model, layout, choice = source.format.tf_reference(source, card.arch, ema, allow_mixed, say)
         if layout.num_classes != torch_model.num_classes:
             raise UsageError(
                 f"the checkpoint has {layout.num_classes} classes but the PyTorch model {torch_model.num_classes}"
             )
         cases = []
-        sizes = input_sizes if input_sizes is not None else [_card_image_size(card)]
+        sizes = input_sizes if input_sizes is not None else [card.input_size()]
         if inputs is not None and not input_sizes:
             sizes = []
         batches = []
@@ -306,7 +293,7 @@ def verify(
         arch=layout.arch,
         num_classes=layout.num_classes,
         weights=choice.used,
-        source=str(files.origin),
+        source=str(source.origin),
         source_sha256=hashes,
         artifact=artifact,
         atol=atol,
@@ -314,16 +301,6 @@ def verify(
         cases=cases,
         versions=versions(),
         notes=notes,
-    )
-
-
-def _card_image_size(card: dict) -> int:
-    """The card's input size, or the arch's native one when the card lacks a usable value."""
-    from effconv.models.spec import get_arch
-
-    size = card.get("image_size")
-    return (
-        size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else get_arch(card["arch"]).resolution
     )
 
 
@@ -352,7 +329,7 @@ def load_inputs(path: str | os.PathLike) -> np.ndarray:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
 
-def _image_cases(folder: Path, card: dict, tf_model, torch_model, atol, rtol, per_layer, say) -> list[CaseResult]:
+def _image_cases(folder: Path, card: ModelCard, tf_model, torch_model, atol, rtol, per_layer, say) -> list[CaseResult]:
     """Each image preprocessed twice: by TF's own ops (TF side) and by our numpy port (PyTorch side)."""
     from effconv.zoo import preprocess
 
@@ -361,19 +338,17 @@ def _image_cases(folder: Path, card: dict, tf_model, torch_model, atol, rtol, pe
     paths = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES)
     if not paths:
         raise UsageError(f"--images: no .jpg/.jpeg/.png files in {folder}")
-    pre = card.get("preprocessing")
-    if not isinstance(pre, dict) or not {"image_size", "mean", "std", "crop_padding"} <= set(pre):
-        raise UsageError("--images needs the card's preprocessing (image_size, mean, std, crop_padding)")
-    size = int(pre["image_size"])
+    pre = card.needs_preprocessing("--images needs it")
+    size = pre.image_size
     cases = []
     for path in paths:
-        ours = preprocess.preprocess(path, size, pre["mean"], pre["std"], pre["crop_padding"])[None]
-        theirs = preprocess.preprocess_tf(path, size, pre["mean"], pre["std"], pre["crop_padding"])[None]
-        std = np.asarray(pre["std"], dtype=np.float64)
+        ours = preprocess.preprocess(path, size, pre.mean, pre.std, pre.crop_padding)[None]
+        theirs = preprocess.preprocess_tf(path, size, pre.mean, pre.std, pre.crop_padding)[None]
+        std = np.asarray(pre.std, dtype=np.float64)
         pre_diff = float((np.abs(ours.astype(np.float64) - theirs) * std).max())
         # The model difference is measured on identical input (TF's preprocessing) ...
         case = compare_case(
-            f"{card['arch']}:{path.name}",
+            f"{card.arch}:{path.name}",
             f"image {path.name}",
             theirs.astype(np.float32),
             tf_model,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import http.client
 import json
 import os
@@ -30,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effconv import __version__
-from effconv.errors import CheckpointError, UsageError
+from effconv.errors import CheckpointError, OutputError, UsageError
 from effconv.formats.checkpoint_files import MAX_EXTRACT_BYTES, extract_checkpoint
+from effconv.output import writing
+from effconv.output.hashing import sha256_file
 from effconv.zoo.catalogue import CatalogueEntry, lookup
 
 CACHE_ENV = "EFFCONV_CACHE"
@@ -105,7 +106,7 @@ def download(
     try:
         archive.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create download folder {archive.parent}: {e.strerror or e}") from e
+        raise OutputError(f"cannot create download folder {archive.parent}: {e.strerror or e}") from e
     if force:
         _remove(archive, _record_path(archive), *_part_paths(archive))
         _remove_tree(checkpoint_dir(entry, dest))
@@ -157,7 +158,7 @@ def resolve_source(
 def _keep_verified_part(entry: CatalogueEntry, archive: Path, url: str) -> str:
     """Check the finished `.part` file, rename it into place and record its sha256."""
     part, meta = _part_paths(archive)
-    digest = sha256_of(part)
+    digest = sha256_file(part)
     problem = _mismatch(entry, digest, None)
     if problem:
         _remove(part, meta)
@@ -171,21 +172,13 @@ def _keep_verified_part(entry: CatalogueEntry, archive: Path, url: str) -> str:
 def _verify_present(entry: CatalogueEntry, archive: Path) -> str:
     """Re-hash a tarball already on disk against its record (a file placed by hand gets one now)."""
     record = _read_record(archive)
-    digest = sha256_of(archive)
+    digest = sha256_file(archive)
     problem = _mismatch(entry, digest, record)
     if problem:
         raise CheckpointError(f"{archive} is corrupted: {problem}; download it again with --force")
     if record is None:
         _write_record(archive, None, digest)
     return digest
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_record(archive: Path) -> dict | None:
@@ -288,11 +281,11 @@ def _fetch_once(url: str, part: Path, meta: Path, progress: ProgressFn | None, t
         new_validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         _write_json(meta, {"url": url, "validator": new_validator, "total": total})
         done = offset
-        with open(part, "ab" if offset else "wb") as out:
+        with writing.create(part, "ab" if offset else "wb") as out:
             if progress:
                 progress(done, total)
-            while block := response.read(_CHUNK):
-                out.write(block)
+            while block := response.read(_CHUNK):  # a read that fails is retried ...
+                writing.write_all(out, block, part)  # ... a write that fails (a full disk) is not: OutputError
                 done += len(block)
                 if done > max_bytes:
                     raise CheckpointError(f"{url} sends more than the {max_bytes}-byte download limit")
@@ -336,10 +329,12 @@ def _extract(entry: CatalogueEntry, archive: Path, dest: Path, max_bytes: int) -
         return target
     if target.exists() or target.is_symlink():
         raise UsageError(f"{target} exists but holds no checkpoint; remove it or use --force")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with writing.writing(target):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         extract_checkpoint(archive, tmp, max_bytes)
-        os.replace(tmp, target)
+        with writing.writing(target):
+            os.replace(tmp, target)
     finally:
         _remove_tree(tmp)
     return target
@@ -347,8 +342,9 @@ def _extract(entry: CatalogueEntry, archive: Path, dest: Path, max_bytes: int) -
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing.writing(path):
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def _remove(*paths: Path) -> None:

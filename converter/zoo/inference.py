@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effconv.card import ModelCard
 from effconv.errors import UsageError
 from effconv.zoo.preprocess import preprocess
 
@@ -34,12 +35,15 @@ def class_names(num_classes: int) -> list[str]:
 
 
 def card_preprocessing(model) -> dict:
-    """The preprocessing recorded in the model's card (`effconv.models.load` attaches it)."""
+    """The preprocessing recorded in the model's card (`effconv.models.load` attaches it), as settings."""
     card = getattr(model, "card", None)
-    if not card or "preprocessing" not in card:
+    hint = "pass preprocessing={'image_size': ..., 'mean': ..., 'std': ...}"
+    if isinstance(card, ModelCard):
+        return card.needs_preprocessing(f"it says how to preprocess; or {hint}").to_json()
+    if not card or "preprocessing" not in card:  # a card set by hand is a dict
         raise UsageError(
             "the model has no model card to say how to preprocess; load it with effconv.get_model or "
-            "effconv.models.load, or pass preprocessing={'image_size': ..., 'mean': ..., 'std': ...}"
+            f"effconv.models.load, or {hint}"
         )
     return card["preprocessing"]
 

@@ -25,7 +25,7 @@ def get_model(name_or_path: str | os.PathLike, *, base_url: str | None = None, p
     `name_or_path`: a converted `X.pth` (card `X.json` beside it) or a catalogue name or alias
     (`effconv list`), which is downloaded and converted on first use and read from the cache after.
     """
-    from effconv.models.loading import load
+    from effconv.output.loading import load
 
     path = Path(name_or_path).expanduser()
     if path.is_file():

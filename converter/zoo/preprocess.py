@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from effconv.errors import UsageError
+from effconv.errors import UsageError, one_line
 from effconv.variants import CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
 
 CROP_FRACTION = 0.875  # the newer TPU-repo rule keeps this fraction at every size
@@ -236,7 +236,7 @@ def preprocess_tf(
             image[None], [image_size, image_size], align_corners=False, half_pixel_centers=False
         )[0]
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-        raise UsageError(f"cannot read image {os.fspath(path)}: {e.message.splitlines()[0]}") from None
+        raise UsageError(f"cannot read image {os.fspath(path)}: {one_line(e.message, max_lines=1)}") from None
     if mean is not None or std is not None:
         resized = (resized - tf.constant(_or_zero(mean), tf.float32)) / tf.constant(_or_one(std), tf.float32)
     return resized.numpy()

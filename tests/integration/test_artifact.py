@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from effconv.convert import convert_checkpoint
-from effconv.errors import UsageError
+from effconv.errors import OutputError, UsageError
 from effconv.output.artifact import ArtifactWriter, read_card, read_weights, write_artifact
 
 
@@ -34,11 +36,22 @@ def test_added_tensors_may_be_reused_by_the_caller(tmp_path, suffix):
                 tensor = view
             art.add(name, tensor)
             scratch.fill_(float("nan"))
-        art.commit({"layout": "native", "arch": "b0"}, order=list(reversed(state)))
+        art.commit({"layout": "native", "arch": "b0", "num_classes": 0}, order=list(reversed(state)))
     loaded = read_weights(out)
     assert list(loaded) == list(reversed(state))
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert read_card(out)["file_format"] == ("torch" if suffix == ".pth" else "safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("owned", [False, True])
+def test_tensors_of_any_strides_are_written(tmp_path, suffix, owned):
+    transposed = torch.arange(12.0).view(3, 4).t()  # not contiguous
+    out = tmp_path / f"x{suffix}"
+    with ArtifactWriter(out) as art:
+        art.add("t", transposed, owned=owned)
+        art.commit({"layout": "native", "arch": "b0", "num_classes": 0})
+    assert torch.equal(read_weights(out)["t"], transposed)
 
 
 def test_mmpretrain_layout_wraps_state_dict_and_card(tmp_path):
@@ -83,6 +96,50 @@ def test_commit_twice_and_incomplete_order_are_refused(tmp_path):
         art.commit({"layout": "native"})
         with pytest.raises(UsageError, match="already committed"):
             art.commit({"layout": "native"})
+
+
+# A 2 MB tensor under a 1 MB file-size limit: the write fails as on a full disk (EFBIG instead of ENOSPC).
+FULL_DISK = r"""
+import resource, signal, sys, torch
+from effconv.errors import OutputError
+from effconv.output.artifact import write_artifact
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    write_artifact({"w": torch.ones(1 << 19)}, {"layout": "native", "arch": "b0", "num_classes": 0}, sys.argv[1])
+except OutputError as e:
+    print(f"OutputError: {e}")
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_full_disk_is_an_output_error(tmp_path, suffix):
+    out = tmp_path / f"x{suffix}"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"OutputError: cannot write {out}: ") and "File too large" in done.stdout, done.stdout
+    assert "\n" not in done.stdout.strip() and "disk full?" not in done.stdout
+    assert list(tmp_path.iterdir()) == []  # no temporary left
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_bug_in_the_write_path_is_raised_as_it_is(tmp_path, suffix, monkeypatch):
+    def bug(path):
+        raise AttributeError("a bug, not a full disk")
+
+    monkeypatch.setattr("effconv.output.artifact._seal", bug)
+    with pytest.raises(AttributeError, match="a bug, not a full disk"):
+        write_artifact(_state(), {"layout": "native", "arch": "b0", "num_classes": 0}, tmp_path / f"x{suffix}")
+    assert list(tmp_path.iterdir()) == []  # discarded all the same
+
+
+def test_an_unwritable_folder_is_an_output_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("effconv.output.artifact.tempfile.TemporaryFile", refuse)
+    with pytest.raises(OutputError, match="output directory is not writable: .*Permission denied"):
+        ArtifactWriter(tmp_path / "x.pth")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -6,10 +6,14 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import pytest
 
+from effconv.errors import UsageError
 from effconv.formats.bundle import TensorBundleReader
 from effconv.models.efficientnet import model_tensor_shapes
 from tests.support.helpers import run_cli
@@ -54,6 +58,15 @@ def test_wrong_arch_names_both(fixture_ckpt, tmp_path):
     result = run_cli("convert", "--src", fixture_ckpt, "--arch", "b5", "--out", tmp_path / "x.pth")
     assert_clean_failure(result, "--arch b5 given, but the checkpoint holds b0")
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_arch_by_its_official_name(fixture_ckpt, tmp_path):
+    result = run_cli("convert", "--src", fixture_ckpt, "--arch", "EfficientNet-B0", "--out", tmp_path / "x.pth", "-q")
+    assert result.exit_code == 0, result.stderr
+    card = json.loads((tmp_path / "x.json").read_text())
+    assert (card["arch"], card["family"]) == ("b0", "efficientnet")
+    result = run_cli("convert", "--src", fixture_ckpt, "--arch", "efficientnet-b5", "--out", tmp_path / "y.pth")
+    assert_clean_failure(result, "--arch b5 given, but the checkpoint holds b0")
 
 
 def test_crc_mismatch(fixture_ckpt, tmp_path):
@@ -127,5 +140,91 @@ def test_inspect_missing_path(tmp_path):
 
 def test_help_answers_questions():
     result = run_cli("convert", "--help")
-    for word in ("--weights", "auto", "EMA", "--variant", "advprop", "--force", ".tar.gz"):
+    for word in ("--ema", "auto", "EMA", "--variant", "advprop", "--force", ".tar.gz"):
         assert word in result.output
+    assert "--weights" not in result.output  # the deprecated name of --ema: hidden
+
+
+def test_ema_chooses_the_copy_converted(fixture_ckpt, tmp_path):
+    out = tmp_path / "raw.pth"
+    result = run_cli("convert", "--src", fixture_ckpt, "--out", out, "--ema", "raw", "-q", "--variant", "standard")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["weights"] == "raw" and card["weights_policy"] == "raw"
+
+
+def test_convert_weights_is_the_deprecated_name_of_ema(fixture_ckpt, tmp_path):
+    out = tmp_path / "raw.pth"
+    result = run_cli("convert", "--src", fixture_ckpt, "--out", out, "--weights", "raw", "-q", "--variant", "standard")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["effconv: warning: convert --weights is deprecated: use --ema raw"]
+    assert json.loads(out.with_suffix(".json").read_text())["weights"] == "raw"
+
+
+def test_ema_and_its_deprecated_name_must_agree(fixture_ckpt, tmp_path):
+    result = run_cli("convert", "--src", fixture_ckpt, "--out", tmp_path / "x.pth", "--ema", "ema", "--weights", "raw")
+    assert_clean_failure(result, "--ema ema contradicts --weights raw, its deprecated name")
+    assert not list(tmp_path.iterdir())
+    result = run_cli("verify", "--src", fixture_ckpt, "--ema", "raw", "--weights-policy", "ema")
+    assert_clean_failure(result, "--ema raw contradicts --weights-policy ema")
+
+
+def test_verify_weights_policy_is_the_deprecated_name_of_ema(fixture_ckpt, monkeypatch):
+    seen = {}
+
+    def stop(src, artifact, **options):  # the comparison itself is tests/integration/test_verify.py's
+        seen.update(options)
+        raise UsageError("stopped before TensorFlow")
+
+    monkeypatch.setattr("effconv.parity.verify.verify", stop)
+    result = run_cli("verify", "--src", fixture_ckpt, "--weights-policy", "raw", "-q")
+    assert result.stderr.splitlines()[0] == "effconv: warning: verify --weights-policy is deprecated: use --ema raw"
+    assert seen["ema"] == "raw"
+    run_cli("verify", "--src", fixture_ckpt, "--ema", "ema", "-q")
+    assert seen["ema"] == "ema"
+    assert "--weights-policy" not in run_cli("verify", "--help").output
+
+
+def test_choice_lists_are_the_librarys_tables():
+    from effconv.cli import main
+    from effconv.convert import DTYPES
+    from effconv.ema_policy import POLICIES
+    from effconv.mappings.layouts import LAYOUT_NAMES
+    from effconv.models.spec import ARCH_NAMES, OFFICIAL_NAMES
+    from effconv.variants import VARIANTS
+
+    tables = {
+        "arch": ARCH_NAMES,
+        "variant": tuple(VARIANTS),
+        "layout": LAYOUT_NAMES,
+        "dtype": tuple(DTYPES),
+        "ema": POLICIES,
+        "old_ema": POLICIES,
+    }
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param.type, click.Choice):
+                assert param.name in tables, f"effconv {name} --{param.name}: which table are its choices?"
+                choices = tuple(param.type.choices)
+                if param.name == "arch" and len(choices) > len(ARCH_NAMES):  # the official names are taken too
+                    assert choices == (*ARCH_NAMES, *OFFICIAL_NAMES), f"effconv {name} --arch"
+                    continue
+                assert choices == tuple(tables[param.name]), f"effconv {name} --{param.name}"
+
+
+def test_the_cli_offers_its_choices_without_importing_torch():
+    code = "import sys, effconv.cli; print(sorted(m for m in ('torch', 'numpy', 'tensorflow') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_bug_while_writing_is_no_disk_problem(fixture_ckpt, tmp_path, monkeypatch):
+    """Only OSError (and safetensors' I/O error) means a failed write; a bug keeps its traceback."""
+
+    def bug(path):
+        raise TypeError("a bug in the write path")
+
+    monkeypatch.setattr("effconv.output.artifact._seal", bug)
+    with pytest.raises(TypeError, match="a bug in the write path"):
+        run_cli("convert", "--src", fixture_ckpt, "--out", tmp_path / "b0.pth", "-q")
+    assert not list(tmp_path.iterdir())  # the artifact is discarded all the same

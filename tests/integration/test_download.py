@@ -6,13 +6,15 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from effconv.errors import CheckpointError, UsageError
+from effconv.errors import CheckpointError, OutputError, UsageError
+from effconv.output import writing
 from effconv.zoo import catalogue
 from effconv.zoo.download import download, find_downloaded, resolve_source
 from tests.support.helpers import run_cli
@@ -141,6 +143,21 @@ def test_404_is_not_retried(mirror, tmp_path):
     with pytest.raises(CheckpointError, match="HTTP 404"):
         download(missing, tmp_path, base_url=mirror.url, retries=3, **FAST)
     assert len(mirror.requests) == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_an_output_error_and_not_retried(mirror, tmp_path, monkeypatch):
+    """A dropped connection is retried; a write that fails is not the server's fault and would fail again."""
+    monkeypatch.setattr(writing, "create", lambda path, mode="xb": open("/dev/full", "wb", buffering=0))
+    with pytest.raises(OutputError, match=r"cannot write .*efficientnet-b0.tar.gz.part: No space left on device"):
+        download(B0, tmp_path, base_url=mirror.url, retries=3, **FAST)
+    assert len(mirror.requests) == 1
+
+
+def test_an_unwritable_download_folder_is_an_output_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OutputError, match="cannot create download folder"):
+        download(B0, tmp_path / "file", base_url="http://127.0.0.1:9", **FAST)
 
 
 def test_server_closing_early_every_time(mirror, tmp_path):

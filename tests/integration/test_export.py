@@ -8,9 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from effconv.errors import OutputError
 from effconv.models import load
 from effconv.output import export as export_module
-from tests.support.helpers import run_cli
+from tests.support.helpers import assert_close, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +21,13 @@ def weights(tmp_path_factory, fixture_ckpt):
     return out
 
 
-def _onnxruntime_vs_torch(onnx_path, weights, size: int, batch: int) -> float:
+def _onnxruntime_and_torch(onnx_path, weights, size: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(42))
     (got,) = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         expected = load(weights)(x).numpy()
-    return float(np.abs(got - expected).max())
+    return got, expected
 
 
 @pytest.mark.parametrize("size", [224, 225])  # even: asymmetric stride-2 padding; odd: symmetric
@@ -39,9 +40,9 @@ def test_export_matches_pytorch_in_onnxruntime(weights, tmp_path, size):
     dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims[1:] == [3, size, size] and isinstance(dims[0], str)  # the batch stays free
     assert "Pad" not in {n.op_type for n in graph.node}  # padding is constant, inside each Conv
-    diff = _onnxruntime_vs_torch(out, weights, size, batch=3)
-    print(f"b0 at {size}: onnxruntime vs PyTorch max |diff| = {diff:.3g}")
-    assert diff <= 1e-4
+    got, expected = _onnxruntime_and_torch(out, weights, size, batch=3)
+    diff, limit = assert_close(got, expected, what=f"onnxruntime vs PyTorch at {size}")
+    print(f"b0 at {size}: onnxruntime vs PyTorch max |diff| = {diff:.3g} (limit {limit:.3g})")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
@@ -65,4 +66,40 @@ def test_parity_failure_exits_1_and_writes_nothing(weights, tmp_path, monkeypatc
     out = tmp_path / "b0.onnx"
     result = run_cli("export", "--weights", weights, "--onnx", out, "--input-size", 64)
     assert result.exit_code == 1 and "0.5" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+class _ProgramOnAFullDisk:
+    def save(self, path):
+        path.write_bytes(b"half a model")
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_write_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch):
+    from effconv.models import create_model
+
+    monkeypatch.setattr(export_module, "_export", lambda *args: _ProgramOnAFullDisk())
+    with pytest.raises(OutputError, match=r"cannot write .*b0.onnx: No space left on device"):
+        export_module.export_model(create_model("b0", num_classes=10), tmp_path / "b0.onnx", 32, check=False)
+    assert list(tmp_path.iterdir()) == []  # the staging folder is gone too
+
+
+def test_only_the_exporters_own_errors_are_a_failed_export(tmp_path, monkeypatch):
+    from effconv.models import create_model
+
+    def exporter_gives_up(*args, **kwargs):
+        raise torch.onnx.OnnxExporterError("Failed to export the model with torch.export.\n\n## Long report")
+
+    def bug(*args, **kwargs):
+        raise AttributeError("a bug, not a failed export")
+
+    model = create_model("b0", num_classes=10)
+    monkeypatch.setattr(torch.onnx, "export", exporter_gives_up)
+    with pytest.raises(
+        OutputError, match=r"^ONNX export failed: Failed to export the model with torch.export. \.\.\.$"
+    ):
+        export_module.export_model(model, tmp_path / "b0.onnx", 32, check=False)
+    monkeypatch.setattr(torch.onnx, "export", bug)
+    with pytest.raises(AttributeError, match="a bug"):
+        export_module.export_model(model, tmp_path / "b0.onnx", 32, check=False)
     assert list(tmp_path.iterdir()) == []

@@ -65,6 +65,7 @@ def test_inference_model_uses_the_card(weights, advprop_weights, photos):
         model = load(path)
         result = inference_model(model, photos[0])
         logits = _logits(model, photos[0], mean, std)
+        # Probabilities have a known scale (<= 1), and both come from the same model on the same pixels.
         assert np.allclose(result["pred_scores"], torch.softmax(logits, 0).numpy(), atol=1e-6)
         assert result["pred_label"] == int(logits.argmax())
         assert result["pred_class"] == imagenet_classes()[result["pred_label"]][1]

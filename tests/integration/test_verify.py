@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from effconv.models import load
-from tests.support.helpers import max_abs, nchw, run_cli
+from tests.support.helpers import max_abs, nchw, run_cli, tolerance
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_fixture_verifies_with_reports(fixture_ckpt, artifact, tmp_path):
     assert data["passed"] and data["weights"] == "ema" and len(data["cases"]) == 2
     assert data["versions"]["tensorflow"] and data["source_sha256"]["model.ckpt.index"]
     for case in data["cases"]:
-        assert case["logits"]["max_abs"] <= 1e-4 and case["top1_agreement"] == 1.0
+        assert case["logits"]["max_abs"] <= tolerance(case["logits"]["ref_absmax"]) and case["top1_agreement"] == 1.0
     suite = ET.parse(reports[2]).getroot().find("testsuite")
     assert suite.get("tests") == "2" and suite.get("failures") == "0" and len(suite.findall("testcase")) == 2
     assert "2 passed, 0 failed" in reports[1].read_text()
@@ -47,6 +47,7 @@ def test_per_layer_figures_agree_with_official_endpoints(fixture_ckpt, artifact,
     assert result.exit_code == 0, result.output
     (case,) = json.loads(report.read_text())["cases"]
     figures = {layer["name"]: layer["max_abs"] for layer in case["layers"]}
+    scales = {layer["name"]: layer["ref_absmax"] for layer in case["layers"]}
     model = load(artifact)
     with torch.no_grad():
         ours = model.forward_endpoints(nchw(oracle["x"]))
@@ -55,9 +56,9 @@ def test_per_layer_figures_agree_with_official_endpoints(fixture_ckpt, artifact,
             continue
         got = ours[name].numpy()
         direct = max_abs(got.transpose(0, 2, 3, 1) if got.ndim == 4 else got, ref)
-        # The TF reference agrees with the official endpoints, so the figures nearly coincide.
-        assert abs(figures[name] - direct) <= 1e-4 * max(1.0, float(np.abs(ref).max())), name
-    assert figures["logits"] <= 1e-4
+        # The TF reference agrees with the official endpoints within tolerance(ref), so the figures differ by less.
+        assert abs(figures[name] - direct) <= tolerance(ref), name
+    assert figures["logits"] <= tolerance(scales["logits"])
 
 
 def _broken(artifact, tmp_path, key, change):
@@ -120,7 +121,9 @@ def test_real_images_report_preprocessing_and_model_separately(fixture_ckpt, art
     assert result.exit_code == 0, result.output
     cases = {c["name"]: c for c in json.loads(report.read_text())["cases"]}
     assert set(cases) == {"b0@97", "b0:astronaut.png", "b0:coffee.jpg"}
+    # Preprocessed pixels have a known scale, 0-255: an absolute 1e-3 is 4e-6 of it (measured: 0).
     png = cases["b0:astronaut.png"]
     assert png["input_size"] == [224, 224] and png["preprocessing_max_abs"] <= 1e-3  # PNG: same pixels, same resize
     assert cases["b0:coffee.jpg"]["preprocessing_max_abs"] <= 1e-3  # JPEG: decoded like TF's libjpeg (fast IDCT)
+    # Relative to max |logit| as asked above (measured on an AMD EPYC: up to 2.2e-4 with oneDNN on, 7.5e-5 off).
     assert all(c["logits"]["max_rel"] <= 1e-3 and c["top1_agreement"] == 1.0 for c in cases.values())

@@ -8,9 +8,12 @@ wherever the caller leaves it unset. A scan of the sources keeps every loader th
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
+import random
 import shlex
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,57 @@ def test_every_loader_in_effconv_is_safe():
     unsafe = "torch.load(f)\nnp.load(f, allow_pickle=True)\npickle.loads(b)\ntorch.jit.load(f)"
     assert len(unsafe_loads(ast.parse(unsafe))) == 4  # the scan itself works
     assert unsafe_loads(ast.parse("torch.load(f, map_location='cpu', weights_only=True)\nnp.load(f)")) == []
+
+
+def _mutations(raw: bytes, seed: int, count: int):
+    """Truncations and byte flips of `raw`, seeded."""
+    rng = random.Random(seed)
+    yield b""
+    for cut in sorted(rng.sample(range(1, len(raw)), 40)):
+        yield raw[:cut]
+    for _ in range(count):
+        data = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        yield bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns of the odd pickle protocols damage makes
+@pytest.mark.parametrize("kind", ["zip", "legacy", "zip-pickle", "safetensors"])
+def test_damaged_weights_are_refused_and_never_a_traceback(tmp_path, kind):
+    """read_weights catches what torch.load and safetensors raise for a damaged file, and nothing more."""
+    from safetensors.torch import save_file
+
+    from effconv.output.artifact import read_weights
+
+    state = {"a": torch.randn(16, 3), "b": torch.arange(10), "c": torch.randn(5).half(), "n": torch.tensor(0)}
+    source = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pth")
+    if kind == "safetensors":
+        save_file(state, source)
+    else:
+        torch.save(state, source, _use_new_zipfile_serialization=kind != "legacy")
+    raw = source.read_bytes()
+    if kind == "zip-pickle":  # damage the pickle inside an intact zip, where the zip itself would not notice
+        with zipfile.ZipFile(source) as z:
+            records = {info.filename: z.read(info.filename) for info in z.infolist()}
+        pickle_name = next(n for n in records if n.endswith("data.pkl"))
+        damaged = []
+        for data in _mutations(records[pickle_name], 1, 300):
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w") as z:
+                for name, record in records.items():
+                    z.writestr(name, data if name == pickle_name else record)
+            damaged.append(buf.getvalue())
+    else:
+        damaged = list(_mutations(raw, 0, 300))
+    path = tmp_path / f"damaged{source.suffix}"
+    refused = 0
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            read_weights(path)
+        except UsageError as e:
+            assert f"cannot load {path}" in str(e) or "does not hold a state dict" in str(e), str(e)
+            assert "\n" not in str(e)
+            refused += 1
+    assert refused > len(damaged) // 2  # the damage was real

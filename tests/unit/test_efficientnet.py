@@ -6,6 +6,7 @@ import torch
 from effconv.models import create_model, spec
 from effconv.models.efficientnet import EfficientNet
 from effconv.models.same_padding import SameConv2d, same_padding
+from tests.support.helpers import assert_close
 
 # FACTS.md section 1, 1000 classes.
 PARAMETERS = {
@@ -137,21 +138,21 @@ def test_folded_symmetric_padding_equals_explicit_pad(kernel, stride):
             conv.groups,
         )
         with torch.no_grad():
-            torch.testing.assert_close(conv(x), expected, rtol=0, atol=1e-6)
+            assert_close(conv(x), expected, what=f"size {size}")
 
 
 def test_static_and_channels_last_match_the_official_fixture(fixture_ckpt, oracle):
     from effconv.convert import convert_checkpoint
-    from tests.support.helpers import max_abs, nchw
+    from tests.support.helpers import nchw
 
     model = create_model("b0")
     model.load_state_dict(convert_checkpoint(fixture_ckpt, variant="standard").state_dict)
     x = nchw(oracle["x"])
     model.set_input_size(x.shape[-1])
     with torch.no_grad():
-        assert max_abs(model(x).numpy(), oracle["logits_ema"]) <= 1e-4
+        assert_close(model(x), oracle["logits_ema"], what="static")
         model.to(memory_format=torch.channels_last)
-        assert max_abs(model(x.contiguous(memory_format=torch.channels_last)).numpy(), oracle["logits_ema"]) <= 1e-4
+        assert_close(model(x.contiguous(memory_format=torch.channels_last)), oracle["logits_ema"], what="channels-last")
 
 
 def test_training_step_runs_with_inplace_activations():
@@ -173,6 +174,9 @@ def test_channels_last_by_default_and_equal_to_the_nchw_model(size):
     with torch.no_grad():
         a, b = fast(x), plain(x)
         feats_fast, feats_plain = fast.extract_feat(x), plain.extract_feat(x)
-    assert a.shape == b.shape == (2, 10) and (a - b).abs().max() <= 1e-5
+    # Random weights shrink the activations to ~1e-12 by the last stage: relative limits only (atol=0).
+    assert a.shape == b.shape == (2, 10)
+    assert_close(a, b, atol=0, what="logits")
     assert feats_fast[1].is_contiguous(memory_format=torch.channels_last)  # NCHW shapes, NHWC strides
-    assert all(f.shape == g.shape and (f - g).abs().max() <= 1e-4 for f, g in zip(feats_fast, feats_plain, strict=True))
+    for i, (f, g) in enumerate(zip(feats_fast, feats_plain, strict=True)):
+        assert_close(f, g, atol=0, what=f"feature {i}")

@@ -12,7 +12,7 @@ from effconv.errors import UsageError
 from effconv.variants import ADVPROP_MEAN, ADVPROP_STD, IMAGENET_MEAN, IMAGENET_STD
 from effconv.zoo import preprocess as pp
 
-TOL = 1e-3  # on the 0-255 scale
+TOL = 1e-3  # pixels have a known scale, 0-255: 1e-3 is 4e-6 of it (measured: 0 with oneDNN on and off)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def test_normalize():
     assert np.allclose(pp.normalize(x, ADVPROP_MEAN, ADVPROP_STD), [[[-1, 0, 1]]])
     out = pp.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
     assert out.dtype == np.float32
+    # One float32 subtract-and-divide of values <= 2.7 (allclose also allows 1e-5 of each value).
     assert np.allclose(out, (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-6)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effconv.errors import CheckpointError
+from effconv.errors import CheckpointError, OutputError
 from effconv.formats.bundle import TensorBundleReader
-from effconv.formats.checkpoint_files import resolve_checkpoint
+from effconv.formats.checkpoint_files import extract_checkpoint, resolve_checkpoint
+from effconv.output import writing
 
 FILES = ("checkpoint", "model.ckpt.index", "model.ckpt.data-00000-of-00001", "model.ckpt.meta")
 KERNEL = "efficientnet-b0/stem/conv2d/kernel"
@@ -230,3 +231,13 @@ def test_tarball_with_too_many_members(tmp_path, monkeypatch):
     tarball = make_tar(tmp_path / "many.tar.gz", [INDEX, DATA, *[(f"ckpt/empty{i}", b"") for i in range(9)]])
     with pytest.raises(CheckpointError, match="many.tar.gz holds more than 10 members; not a checkpoint tarball"):
         resolve_checkpoint(tarball).__enter__()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_while_extracting_is_an_output_error(tmp_path, monkeypatch):
+    """Not the tarball's fault: the error must not call the checkpoint corrupt."""
+    tarball = make_tar(tmp_path / "ok.tar.gz", [INDEX, DATA])
+    monkeypatch.setattr(writing, "create", lambda path, mode="xb": open("/dev/full", "wb", buffering=0))
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(OutputError, match=r"cannot write .*model\.ckpt\.\S+: No space left on device"):
+        extract_checkpoint(tarball, tmp_path / "dest")
