@@ -65,6 +65,13 @@ class Detected:
     head_channels: int
     facts: Mapping[str, Any] = field(default_factory=dict)  # prefix, bn scope, depthwise name, ...
 
+    @classmethod
+    def of(cls, arch: str, num_classes: int, blocks: int, stem: int, head: int, **facts: Any) -> Detected:
+        """What a source holds, its family read off the architecture table."""
+        from effconv.models import spec
+
+        return cls(spec.get_arch(arch).family, arch, num_classes, blocks, stem, head, facts)
+
 
 @dataclass
 class SourcePlan:

@@ -47,15 +47,9 @@ class KerasLayout:
 
     @property
     def detected(self) -> Detected:
-        return Detected(
-            family=spec.get_arch(self.arch).family,
-            arch=self.arch,
-            num_classes=self.num_classes,
-            num_blocks=self.num_blocks,
-            stem_channels=self.stem_channels,
-            head_channels=self.head_channels,
-            facts={"depthwise": self.depthwise, "normalization": self.normalization},
-        )
+        sizes = (self.num_blocks, self.stem_channels, self.head_channels)
+        facts = {"depthwise": self.depthwise, "normalization": self.normalization}
+        return Detected.of(self.arch, self.num_classes, *sizes, **facts)
 
 
 def _single(names: set[str], what: str) -> str | None:

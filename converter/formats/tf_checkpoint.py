@@ -33,15 +33,8 @@ class CheckpointLayout:
 
     @property
     def detected(self) -> Detected:
-        return Detected(
-            family=spec.get_arch(self.arch).family,
-            arch=self.arch,
-            num_classes=self.num_classes,
-            num_blocks=self.num_blocks,
-            stem_channels=self.stem_channels,
-            head_channels=self.head_channels,
-            facts={"prefix": self.prefix, "bn_scope": self.bn},
-        )
+        sizes = (self.num_blocks, self.stem_channels, self.head_channels)
+        return Detected.of(self.arch, self.num_classes, *sizes, prefix=self.prefix, bn_scope=self.bn)
 
 
 def base_name(name: str) -> str:
