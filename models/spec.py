@@ -49,16 +49,6 @@ def official_name(arch: str) -> str:
     return f"{family_of(arch).official_prefix}{get_arch(arch).name}"
 
 
-def round_channels(channels: int, width: float, family: str = "efficientnet") -> int:
-    """`family`'s channel scaling rule."""
-    return FAMILIES[family].round_channels(channels, width)
-
-
-def round_repeats(repeats: int, depth: float) -> int:
-    """Depth scaling (the same rule in every family)."""
-    return Family.round_repeats(repeats, depth)
-
-
 def stem_channels(arch: str) -> int:
     return _family.stem_channels(family_of(arch), get_arch(arch))
 

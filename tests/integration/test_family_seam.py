@@ -22,7 +22,9 @@ def test_family_fields_shape_the_blocks():
         assert [b.out_channels for b in t1] == [24, 32, 32, 32, 32, 56, 56]
         assert (t1[0].in_channels, t1[0].mid_channels) == (24, 24)  # the fixed stem's width, not round(32 * 1.3)
         assert (t1[1].in_channels, t1[1].mid_channels) == (24, 144)  # expand 6 of the nominal input
-        assert TOY.round_channels(11, 1.0) == 8 and spec.round_channels(11, 1.0, "efficientnet") == 16  # +8 rule
+        assert (
+            TOY.round_channels(11, 1.0) == 8 and spec.FAMILIES["efficientnet"].round_channels(11, 1.0) == 16
+        )  # +8 rule
         assert spec.archs_of_shape(7, 24, 96) == ["t1"]
     assert "t1" not in spec.ARCHS  # the registry is restored
 

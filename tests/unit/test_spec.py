@@ -32,11 +32,12 @@ def test_stem_and_head_channels(arch):
 
 
 def test_rounding_rules():
-    assert spec.round_channels(32, 4.3) == 136  # 137.6 -> 136, within 10 %
-    assert spec.round_channels(16, 1.1) == 16  # 17.6 -> 16
-    assert spec.round_channels(3, 1.0) == 8  # floor at the divisor
-    assert spec.round_repeats(1, 2.2) == 3
-    assert spec.round_repeats(4, 3.1) == 13
+    b = spec.FAMILIES["efficientnet"]
+    assert b.round_channels(32, 4.3) == 136  # 137.6 -> 136, within 10 %
+    assert b.round_channels(16, 1.1) == 16  # 17.6 -> 16
+    assert b.round_channels(3, 1.0) == 8  # floor at the divisor
+    assert b.round_repeats(1, 2.2) == 3
+    assert b.round_repeats(4, 3.1) == 13
 
 
 def test_block_rules():
