@@ -49,6 +49,7 @@ _COUNT = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 _SIZE = (lambda v: _is_int(v) and v > 0, "an integer > 0")
 _NUMBER = (_is_number, "a number")
 _OBJECT = (lambda v: isinstance(v, Mapping), "a JSON object")
+_COUNTS = (lambda v: isinstance(v, Mapping) and all(_is_int(n) and n >= 0 for n in v.values()), "names -> counts")
 _STRINGS = (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v), "a list of strings")
 _MEAN = (_is_rgb, "3 numbers (R, G, B)")
 _STD = (lambda v: _is_rgb(v) and all(x != 0 for x in v), "3 non-zero numbers (R, G, B)")
@@ -165,6 +166,7 @@ class ModelCard(Mapping):
     source: dict[str, Any] | None = None  # path, format, prefix, global_step, sha256, ... as the source gave them
     mapped: int | None = None
     skipped: dict[str, str] | None = None  # source variable -> why it was not used
+    nonfinite: dict[str, int] | None = None  # source variable -> NaN/Inf values kept (convert --allow-nonfinite)
     input_normalization: dict[str, Any] | None = None  # Keras: the graph's steps folded into preprocessing
     layout_section: dict[str, Any] | None = None  # under the key `layout`: what timm or mmpretrain needs
     catalogue_name: str | None = None  # a model converted from the catalogue by get_model
@@ -211,6 +213,7 @@ class ModelCard(Mapping):
             source=f.take("source", _OBJECT),
             mapped=f.take("mapped", _COUNT),
             skipped=f.take("skipped", _OBJECT),
+            nonfinite=f.take("nonfinite", _COUNTS),
             input_normalization=f.take("input_normalization", _OBJECT),
             layout_section=f.take(section, _OBJECT) if section else None,
             catalogue_name=f.take("catalogue_name", _STR),
@@ -239,7 +242,8 @@ class ModelCard(Mapping):
         _put(out, "weights_policy", self.weights_policy)
         _put(out, "mixed_variables", None if self.mixed_variables is None else list(self.mixed_variables))
         out["layout"] = self.layout
-        for key in ("dtype", "bn_eps", "padding", "parameters", "source", "mapped", "skipped", "input_normalization"):
+        in_order = ("dtype", "bn_eps", "padding", "parameters", "source", "mapped", "skipped", "nonfinite")
+        for key in (*in_order, "input_normalization"):
             _put(out, key, copy.deepcopy(getattr(self, key)))
         _put(out, self.layout, copy.deepcopy(self.layout_section))
         _put(out, "catalogue_name", self.catalogue_name)

@@ -1,7 +1,7 @@
 """The `effconv` command: a thin layer over the library that parses, prints and maps errors to exit codes.
 
 Exit codes: 0 success, 1 parity failure (verify), 2 bad input or usage, or an output that could not be
-written (a full disk), 130 interrupted.
+written (a full disk), 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 import gc
 import json
 import os
+import signal
 import sys
 from collections import Counter
 
@@ -46,17 +47,43 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: every `finally` and `with` runs."""
+
+
+def _raise_terminated(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM unwinds the stack (temporaries removed) instead of killing on the spot."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding program's worker): leave signals to it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handles_errors(command):
-    """Turn our exceptions into one line on stderr and the documented exit code."""
+    """Turn our exceptions into one line on stderr and the documented exit code (SIGINT 130, SIGTERM 143)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _sigterm_unwinds():
+                return command(*args, **kwargs)
         except EffconvError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
+        except Terminated:
+            _fail("terminated (SIGTERM); nothing was written", 128 + signal.SIGTERM)
 
     return wrapper
 
@@ -105,24 +132,55 @@ def _progress_bar(desc: str):
 
 
 class _StatusLine:
-    """A one-line spinner of what is running (TF and PyTorch take seconds to minutes on big archs)."""
+    """A one-line status of what is running, with its elapsed time (TF, PyTorch and torch's ONNX exporter
+    take seconds to minutes): on a terminal the line is redrawn every half second, so that a long step
+    shows it is alive; elsewhere each step is one line.
+    """
+
+    TICK_SECONDS = 0.5
 
     def __init__(self, quiet: bool):
+        import threading
+
         self.quiet = quiet
         self.start = None
+        self.message = ""
         self.active = sys.stderr.isatty() and not quiet
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True) if self.active else None
 
     def __call__(self, message: str) -> None:
         import time
 
         self.start = self.start or time.perf_counter()
-        text = f"[{time.perf_counter() - self.start:6.1f}s] {message}"
+        self.message = message
         if self.active:
-            click.echo(f"\r\033[K{text}", nl=False, err=True)
+            self._draw()
+            if not self._ticker.is_alive() and not self._stop.is_set():
+                self._ticker.start()
         elif not self.quiet:
-            click.echo(text, err=True)
+            click.echo(self._text(), err=True)
+
+    def _text(self) -> str:
+        import time
+
+        return f"[{time.perf_counter() - self.start:6.1f}s] {self.message}"
+
+    def _draw(self) -> None:
+        with self._lock:
+            if not self._stop.is_set():
+                click.echo(f"\r\033[K{self._text()}", nl=False, err=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.TICK_SECONDS):
+            self._draw()
 
     def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+        if self._ticker is not None and self._ticker.is_alive():
+            self._ticker.join()
         if self.active:
             click.echo("\r\033[K", nl=False, err=True)
 
@@ -138,8 +196,8 @@ def main() -> None:
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="output weights X.pth or X.safetensors; X.json is the card",
+    type=click.Path(),
+    help="output weights X.pth or X.safetensors; X.json is the card (--layout hf: a folder DIR)",
 )
 @click.option(
     "--arch",
@@ -163,7 +221,8 @@ def main() -> None:
     type=click.Choice(LAYOUT_NAMES),
     default="native",
     show_default=True,
-    help="state-dict names: effconv's own model, timm's tf_efficientnet_*, or mmpretrain's EfficientNet",
+    help="state-dict names: effconv's own model, timm's tf_efficientnet_*, mmpretrain's EfficientNet, "
+    "or a transformers EfficientNetForImageClassification folder (hf)",
 )
 @click.option(
     "--dtype",
@@ -173,6 +232,11 @@ def main() -> None:
     help="weights dtype (batch-norm running statistics stay float32)",
 )
 @click.option("--force", is_flag=True, help="overwrite existing output files")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="keep weights holding NaN or Inf (refused by default); the card lists them under 'nonfinite'",
+)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar or summary")
 @click.option(
     "--dest",
@@ -180,7 +244,9 @@ def main() -> None:
     help="where `effconv download` put catalogue checkpoints, for --src NAME (default: the cache)",
 )
 @handles_errors
-def convert(src, out, arch, ema, old_ema, allow_mixed, variant, image_size, force, quiet, dest, layout, dtype):
+def convert(
+    src, out, arch, ema, old_ema, allow_mixed, variant, image_size, force, allow_nonfinite, quiet, dest, layout, dtype
+):
     """Convert a checkpoint to a PyTorch state dict (X.pth) plus model card (X.json).
 
     --src also takes a catalogue name (`effconv list`) once `effconv download NAME` has fetched it.
@@ -194,9 +260,9 @@ def convert(src, out, arch, ema, old_ema, allow_mixed, variant, image_size, forc
     hashing.prefetch(formats.local_files(src))  # the sha256s for the card, while torch imports
     with _heavy_imports():
         from effconv.convert import convert_checkpoint
-        from effconv.output.artifact import ArtifactWriter
+        from effconv.output.folder import writer_for
 
-    with ArtifactWriter(out, force) as artifact:  # checks the output before any work
+    with writer_for(out, force, layout) as artifact:  # checks the output before any work
         bar, update = _progress_bar("converting") if not quiet else (None, None)
         try:
             result = convert_checkpoint(
@@ -210,6 +276,7 @@ def convert(src, out, arch, ema, old_ema, allow_mixed, variant, image_size, forc
                 dtype=dtype,
                 progress=update,
                 sink=artifact.add,  # each tensor is written as soon as it is converted
+                allow_nonfinite=allow_nonfinite,
             )
         finally:
             if bar is not None:
@@ -251,15 +318,19 @@ def inspect(src, as_json):
 @click.option("--ema-only", is_flag=True, help="only EMA copies, like the released L2 checkpoints")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--force", is_flag=True, help="write into an existing, non-empty directory")
+@click.option("--verbose", is_flag=True, help="keep TensorFlow's start-up log lines (absl, oneDNN, CPU features)")
 @handles_errors
-def synth(arch, out, num_classes, ema_only, seed, force):
+def synth(arch, out, num_classes, ema_only, seed, force, verbose):
     """Write a random, well-scaled checkpoint in the official format (needs TensorFlow)."""
     from pathlib import Path
+
+    from effconv.parity.quiet_tensorflow import import_tensorflow
 
     target = Path(out)
     if target.exists() and any(target.iterdir()) and not force:
         raise UsageError(f"output directory is not empty: {target} (use --force)")
     try:
+        import_tensorflow(verbose)
         from effconv.parity.synth import write_synthetic_checkpoint
     except ImportError as e:
         raise UsageError(f"effconv synth needs TensorFlow ({e}); pip install 'effconv[tf]'") from e
@@ -285,8 +356,10 @@ def synth(arch, out, num_classes, ema_only, seed, force):
 )
 @click.option("--images", type=click.Path(file_okay=False), help="folder of real images (.jpg/.png) to compare on")
 @click.option("--inputs", type=click.Path(dir_okay=False), help="your own NHWC float batch (.npy, or .npz with 'x')")
-@click.option("--atol", default=1e-3, show_default=True, type=float, help="absolute tolerance on logits")
-@click.option("--rtol", default=0.0, show_default=True, type=float, help="tolerance relative to max |TF logit|")
+@click.option("--atol", type=float, help="absolute tolerance on logits (default: by the weights' dtype; float32: 1e-3)")
+@click.option(
+    "--rtol", type=float, help="tolerance relative to max |TF logit| (default: by the weights' dtype; float32: 0)"
+)
 @click.option("--per-layer", is_flag=True, help="compare every endpoint (automatic when logits fail)")
 @click.option(
     "--ema",
@@ -305,7 +378,8 @@ def synth(arch, out, num_classes, ema_only, seed, force):
     type=click.Path(dir_okay=False),
     help="write a report: .json, .md, .xml (JUnit) or .png (per-layer plot); repeatable",
 )
-@click.option("-q", "--quiet", is_flag=True, help="print only the verdict")
+@click.option("-q", "--quiet", is_flag=True, help="print only the verdict (on stdout)")
+@click.option("--verbose", is_flag=True, help="keep TensorFlow's start-up log lines (absl, oneDNN, CPU features)")
 @handles_errors
 def verify(
     src,
@@ -324,18 +398,31 @@ def verify(
     variant,
     reports,
     quiet,
+    verbose,
 ):
     """Run TensorFlow and PyTorch on identical inputs and compare logits (and layers).
 
+    Every argument is checked before TensorFlow starts. The verdict (PASS or FAIL) is the last line on stdout.
     Exit code 0: parity within tolerance; 1: parity failure; 2: usage or input error.
     """
+    from effconv.parity import arguments
     from effconv.parity.reports import check_report_paths, to_markdown, write_reports
-    from effconv.parity.verify import load_inputs
-    from effconv.parity.verify import verify as run_verify
 
     ema = _renamed("--ema", ema, "--weights-policy", old_ema)
     report_paths = check_report_paths(reports)
+    if images is not None:
+        arguments.image_files(images)
+    if artifact is not None:
+        arguments.check_weights_fit_source(src, artifact)
+    from effconv.parity.quiet_tensorflow import import_tensorflow
+    from effconv.parity.verify import load_inputs
+    from effconv.parity.verify import verify as run_verify
+
     batch_given = load_inputs(inputs) if inputs else None
+    try:
+        import_tensorflow(verbose)
+    except ImportError as e:
+        raise UsageError(f"effconv verify needs TensorFlow ({e}); pip install 'effconv[tf]'") from e
     status = _StatusLine(quiet)
     try:
         result = run_verify(
@@ -371,7 +458,7 @@ def verify(
     else:
         bad = [c for c in result.cases if not c.passed]
         where = ", ".join(f"{c.name} first diverges at {c.first_divergent}" for c in bad)
-        click.echo(f"FAIL: {where}", err=True)
+        click.echo(f"FAIL: {where}")
         sys.exit(1)
 
 
@@ -388,10 +475,14 @@ def list_models(arch, variant, as_json):
     from effconv.zoo import catalogue
 
     rows = catalogue.select(arch, variant)
+    if not rows:  # a bare header, or [], would not say why
+        click.echo(catalogue.explain_no_match(arch, variant), err=as_json)
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in rows], indent=2))
-    else:
+    elif rows:
         click.echo(catalogue.format_table(rows))
+        if note := catalogue.checksum_note(rows):
+            click.echo(note, err=True)  # a note to read, not a row: the table on stdout stays a table
 
 
 @main.command()
@@ -426,23 +517,47 @@ def download(names, dest, base_url, extract, force, retries, quiet):
 
 @main.command()
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="converted X.pth (card beside it)")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="classes to show per image")
+@click.option("--device", help="torch device: cpu, cuda, cuda:1, mps (default: cuda when available)")
+@click.option(
+    "--class-names",
+    "class_names_file",
+    type=click.Path(dir_okay=False),
+    help="file of class names, one per line in label order (default: ImageNet's for 1000/1001 classes)",
+)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @handles_errors
-def predict(weights, images, top_k, as_json):
-    """Classify images, preprocessed exactly as the model card says (ImageNet class names for 1000 classes)."""
+def predict(weights, images, top_k, device, class_names_file, as_json):
+    """Classify images (files, or folders of them), preprocessed exactly as the model card says.
+
+    An image that cannot be read is named on stderr and the others are still classified (with --json it has
+    an "error" in place of "top_k"). Exit code 0: every image classified; 2: any could not be read, or bad
+    usage.
+    """
     from effconv.output.loading import load
+    from effconv.zoo.devices import resolve_device
+    from effconv.zoo.inference import image_paths, read_class_names
     from effconv.zoo.inference import predict as run_predict
 
-    results = run_predict(load(weights), list(images), top_k=top_k)
+    device = resolve_device(device)  # before the model is read
+    paths = image_paths(images)
+    model = load(weights).to(device)
+    names = read_class_names(class_names_file, model.num_classes) if class_names_file else None
+    results = run_predict(model, paths, top_k=top_k, names=names, keep_going=True)
+    failed = [r for r in results if "error" in r]
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
-    for result in results:
-        click.echo(result["image"])
-        for rank, guess in enumerate(result["top_k"], 1):
-            click.echo(f"  {rank}. {guess['score']:7.2%}  {guess['class']} ({guess['label']})")
+    else:
+        for result in results:
+            if "top_k" in result:
+                click.echo(result["image"])
+            for rank, guess in enumerate(result.get("top_k", ()), 1):
+                click.echo(f"  {rank}. {guess['score']:7.2%}  {guess['class']} ({guess['label']})")
+    for result in failed:
+        click.echo(f"effconv: error: {one_line(result['error'])}", err=True)
+    if failed:
+        sys.exit(2)
 
 
 @main.command("eval")
@@ -452,25 +567,43 @@ def predict(weights, images, top_k, as_json):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(0))
 @click.option("--limit", type=click.IntRange(1), help="evaluate only the first N images")
-@click.option("--device", help="torch device (default: cuda when available)")
+@click.option("--device", help="torch device: cpu, cuda, cuda:1, mps (default: cuda when available)")
+@click.option(
+    "--class-map",
+    "class_map_file",
+    type=click.Path(dir_okay=False),
+    help="labels of the class folders: lines FOLDER [LABEL] (without LABEL: the line number, from 0)",
+)
+@click.option("--skip-bad", is_flag=True, help="leave unreadable images out (counted and listed in the result)")
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON result (default: <weights stem>-eval.json here)")
+@click.option("--force", is_flag=True, help="overwrite an existing result file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @handles_errors
-def eval_command(weights, data, labels_file, batch_size, workers, limit, device, out, quiet):
-    """ImageNet-style top-1/top-5 accuracy with the official preprocessing; writes a JSON result."""
+def eval_command(
+    weights, data, labels_file, batch_size, workers, limit, device, class_map_file, skip_bad, out, force, quiet
+):
+    """Top-1/top-5 accuracy with the official preprocessing; writes a JSON result.
+
+    Class folders named by WordNet ids are ImageNet classes for a 1000/1001-class model; for any other head the
+    sorted folder names are the labels 0, 1, ... (or --class-map). An unreadable image stops the run with an
+    error naming it (exit 2) unless --skip-bad.
+    """
     from pathlib import Path
 
-    import torch
+    out = Path(out or f"{Path(weights).stem}-eval.json")
+    if not out.parent.is_dir():
+        raise UsageError(f"output directory does not exist: {out.parent}")
+    if out.exists() and not force:
+        raise UsageError(f"output exists: {out} (use --force to overwrite, or --out)")
     from tqdm import tqdm
 
     from effconv.output.loading import load
     from effconv.output.writing import writing
-    from effconv.zoo.evaluation import evaluate
+    from effconv.zoo.devices import resolve_device
+    from effconv.zoo.evaluation import evaluate, read_class_map
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(out or f"{Path(weights).stem}-eval.json")
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory does not exist: {out.parent}")
+    device = resolve_device(device)  # before the model is read
+    class_map = read_class_map(class_map_file) if class_map_file else None
     bar = tqdm(total=0, unit="img", desc="eval", leave=False, disable=True if quiet else None)
 
     def update(done: int, total: int) -> None:
@@ -487,6 +620,8 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
             limit=limit,
             device=device,
             progress=update,
+            skip_bad=skip_bad,
+            class_map=class_map,
         )
     finally:
         bar.close()
@@ -496,6 +631,12 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
         f"top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  on {result.images} images "
         f"({result.images_per_second:.1f} images/s on {device}); wrote {out}"
     )
+    if result.details["skipped_count"]:
+        click.secho(
+            f"effconv: warning: skipped {result.details['skipped_count']} unreadable image(s), listed in {out}",
+            err=True,
+            fg="yellow",
+        )
 
 
 @main.command()
@@ -508,15 +649,24 @@ def eval_command(weights, data, labels_file, batch_size, workers, limit, device,
 @click.option("--no-check", is_flag=True, help="skip the onnxruntime comparison")
 @click.option("--opset", type=click.IntRange(18), help="ONNX opset (default: the exporter's)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
+@click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary")
 @handles_errors
-def export(weights, onnx_path, input_size, atol, no_check, opset, force):
+def export(weights, onnx_path, input_size, atol, no_check, opset, force, quiet):
     """Export a converted model to ONNX with TF 'SAME' padding fixed for one input size (batch stays free).
 
-    Checked with onnxruntime against PyTorch unless --no-check; exit code 1 if they differ beyond --atol.
+    The file carries the model card as ONNX metadata (mean, std, image size, class names; the card as JSON
+    under effconv.card). Checked with onnxruntime against PyTorch unless --no-check; exit code 1 if they differ
+    beyond --atol.
     """
     from effconv.output.export import export_onnx
 
-    result = export_onnx(weights, onnx_path, input_size, force=force, check=not no_check, atol=atol, opset=opset)
+    status = _StatusLine(quiet)
+    try:
+        result = export_onnx(
+            weights, onnx_path, input_size, force=force, check=not no_check, atol=atol, opset=opset, say=status
+        )
+    finally:
+        status.close()
     size, name = result.input_size, result.output_name
     click.echo(f"exported efficientnet-{result.arch} to {result.path}: [batch, 3, {size}, {size}] -> {name}")
     if len(result.files) > 1:

@@ -22,10 +22,10 @@ import torch
 from effconv import __version__
 from effconv.card import ModelCard
 from effconv.ema_policy import EmaChoice
-from effconv.errors import MappingError, UsageError
+from effconv.errors import CheckpointError, MappingError, UsageError
 from effconv.formats import Detected, open_source
 from effconv.mappings import engine, transforms
-from effconv.mappings.layouts import CARD_SECTIONS, get_layout
+from effconv.mappings.layouts import CARD_SECTIONS, LAYOUT_CHECKS, get_layout
 from effconv.mappings.official import EMA_SUFFIX
 from effconv.models import spec
 from effconv.models.efficientnet import model_tensor_shapes
@@ -66,6 +66,43 @@ def _check_float_weights(infos, origin: Path) -> None:
                 f"{info.name!r} in {origin} has dtype {info.dtype_name or info.dtype}; "
                 "model weights must be float16, float32 or float64"
             )
+
+
+def _nonfinite_count(array: np.ndarray) -> int:
+    """How many NaN or +-Inf values `array` holds: one summing pass, counted exactly only when the sum is not finite.
+
+    NaN and Inf make the sum non-finite; so can finite values that overflow it (float16 weights): the exact
+    count then decides.
+    """
+    if array.dtype.kind != "f" or not array.size:
+        return 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(array.reshape(-1))):
+            return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def _check_finite(name: str, array: np.ndarray, allow: bool, kept: dict[str, int], origin: Path) -> None:
+    """Refuse a weight holding NaN or Inf; with `allow`, note how many it holds in `kept` instead."""
+    count = _nonfinite_count(array)
+    if count and not allow:
+        raise CheckpointError(
+            f"tensor {name!r} in {origin} holds {count} non-finite values (NaN or Inf) of {array.size}: "
+            "the model would output NaN; convert with --allow-nonfinite to keep them"
+        )
+    if count:
+        kept[name] = count
+
+
+def _checksum_only(reader, keys: list[str], used: set[str]) -> list:
+    """The infos of the tensors the conversion does not use, to be read for their checksum alone.
+
+    A flipped byte in a tensor nobody reads would otherwise pass unseen. Only for readers whose `read`
+    checks a stored checksum (`checksummed`: TF bundles' crc32c), and only tensors they can read.
+    """
+    if not getattr(reader, "checksummed", False):
+        return []
+    return [info for k in keys if k not in used and not (info := reader.info(k)).unsupported]
 
 
 def _skip_reasons(keys: list[str], used: set[str], choice: EmaChoice, table) -> dict[str, str]:
@@ -180,6 +217,7 @@ def convert_checkpoint(
     progress: ProgressFn | None = None,
     sink: Sink | None = None,
     weights: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Conversion:
     """Read the checkpoint at `src` (TF dir, prefix, .index, tarball, or Keras .h5) into a state dict.
 
@@ -190,6 +228,10 @@ def convert_checkpoint(
     file order, and `Conversion.state_dict` stays empty: the tensor's memory is reused after the
     call returns, so the sink writes or copies it (`ArtifactWriter.add` does). `Conversion.order`
     gives the model's order of the names.
+
+    Every tensor of a checksummed source (a TF bundle: crc32c) is checked, the unused ones too, in the same
+    pass; the card's `source.crc32c_checked` counts them. A weight holding NaN or Inf is refused, naming it,
+    unless `allow_nonfinite`: then it is kept and listed in the card's `nonfinite`.
     """
     from effconv.output.hashing import hash_in_background
 
@@ -209,6 +251,9 @@ def convert_checkpoint(
         planned = source.format.plan(source, shapes, arch, ema, allow_mixed)
         found, plan, choice = planned.detected, planned.plan, planned.choice
         family = spec.family_of(found.arch)
+        size = image_size or detect_image_size(found.arch, source.origin)
+        if table.name in LAYOUT_CHECKS:  # before any tensor is read
+            LAYOUT_CHECKS[table.name](found.arch, size)
         target_shapes, n_params = model_tensor_shapes(found.arch, found.num_classes)
         counters = {k for k in target_shapes if k.endswith("num_batches_tracked")}
         engine.check_plan(
@@ -221,30 +266,34 @@ def convert_checkpoint(
         # Read in file order: one sequential pass over each shard.
         infos = {m.target: reader.info(choice.source_of[m.source]) for m in plan}
         _check_float_weights(infos.values(), source.origin)
-        ordered = sorted(plan, key=lambda m: (infos[m.target].shard, infos[m.target].offset))
+        used = {choice.source_of[m.source] for m in plan}
+        steps = [(infos[m.target], m) for m in plan] + [(info, None) for info in _checksum_only(reader, keys, used)]
+        steps.sort(key=lambda step: (step[0].shard, step[0].offset))
+        nonfinite: dict[str, int] = {}
         state: dict[str, torch.Tensor] = {}
         if sink is None:
             sink = lambda name, tensor: state.__setitem__(name, tensor.clone())  # noqa: E731
         target_dtype = DTYPES[dtype]
-        total, done = sum(info.nbytes for info in infos.values()), 0
-        with _Pipeline(sink, max((info.nbytes for info in infos.values()), default=0)) as pipeline:
-            for m in ordered:
+        total, done = sum(info.nbytes for info, _ in steps), 0
+        with _Pipeline(sink, max((info.nbytes for info, _ in steps), default=0)) as pipeline:
+            for info, m in steps:
                 slot = pipeline.free_slot()
-                array = slot.read(reader, choice.source_of[m.source])
-                tensor = torch.from_numpy(slot.transform(m.transform, array))
-                if tensor.is_floating_point() and not m.target.endswith(FLOAT32_SUFFIXES):
-                    tensor = tensor.to(target_dtype)
-                pipeline.submit(names[m.target], tensor)
+                array = slot.read(reader, info.name)  # checksum-checked
                 done += array.nbytes
+                if m is not None:  # else read for its checksum only: the slot stays free
+                    _check_finite(info.name, array, allow_nonfinite, nonfinite, source.origin)
+                    tensor = torch.from_numpy(slot.transform(m.transform, array))
+                    if tensor.is_floating_point() and not m.target.endswith(FLOAT32_SUFFIXES):
+                        tensor = tensor.to(target_dtype)
+                    pipeline.submit(names[m.target], tensor)
                 if progress:
                     progress(done, total)
         for k in counters:
             sink(names[k], torch.zeros((), dtype=torch.long))
         if state:
             state = {name: state[name] for name in order}
-        skipped = _skip_reasons(keys, {choice.source_of[m.source] for m in plan}, choice, planned.table)
+        skipped = _skip_reasons(keys, used, choice, planned.table)
         var_name, var_source = _resolve_variant(variant, source.origin, warnings, planned.mean_std)
-        size = image_size or detect_image_size(found.arch, source.origin)
         pre = preprocessing(var_name, size, found.arch)
         if planned.mean_std is not None:
             pre |= {"mean": planned.mean_std[0], "std": planned.mean_std[1], "normalization": "the Keras graph's"}
@@ -272,10 +321,18 @@ def convert_checkpoint(
                 **planned.card["source"],
                 "variables": len(keys),
                 "sha256": hashes.result(),
+                "crc32c_checked": len(steps) if getattr(reader, "checksummed", False) else 0,  # every tensor read
             },
             "mapped": len(plan),
             "skipped": skipped,
         }
+        if nonfinite:
+            card["nonfinite"] = dict(sorted(nonfinite.items()))
+            warnings.append(
+                f"{len(nonfinite)} tensors hold NaN or Inf values, kept (--allow-nonfinite): "
+                + ", ".join(list(card["nonfinite"])[:3])
+                + (", ..." if len(nonfinite) > 3 else "")
+            )
         if "input_normalization" in planned.card:
             card["input_normalization"] = planned.card["input_normalization"]
         if table.name in CARD_SECTIONS:

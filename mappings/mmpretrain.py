@@ -48,13 +48,52 @@ def config_name(arch: str, image_size: int, zero_one_norm: bool) -> str:
     return f"efficientnet-{arch}_8xb32{'-01norm' if zero_one_norm else ''}_in1k"
 
 
-def model_name(arch: str, image_size: int, zero_one_norm: bool) -> str | None:
-    """A `mmpretrain.get_model` name built from `config_name`'s config (its weights are replaced by ours)."""
+_B0_B5 = ("b0", "b1", "b2", "b3", "b4", "b5")
+_B0_B7 = (*_B0_B5, "b6", "b7")
+# mmpretrain (1.2)'s EfficientNet models by training variant: (name, the archs it has); the
+# mmpretrain-side test checks this table against `mmpretrain.list_models("efficientnet*")`.
+VARIANT_MODELS = {
+    "standard": ("efficientnet-{arch}_3rdparty_8xb32_in1k", _B0_B5),
+    "aa": ("efficientnet-{arch}_3rdparty_8xb32-aa_in1k", _B0_B7),
+    "advprop": ("efficientnet-{arch}_3rdparty_8xb32-aa-advprop_in1k", (*_B0_B7, "b8")),
+    "noisystudent": ("efficientnet-{arch}_3rdparty-ra-noisystudent_in1k", _B0_B7),
+}
+# In the card's `create` lines, the path of the weights file beside the card.
+WEIGHTS_VARIABLE = "weights"
+
+
+def model_name(arch: str, image_size: int, zero_one_norm: bool, variant: str | None = None) -> str | None:
+    """A `mmpretrain.get_model` name for this model: the variant's own where mmpretrain has it, else one built
+    from `config_name`'s config (the data preprocessor that fits); its weights are replaced by ours."""
     if arch == "l2":
         return f"efficientnet-l2_3rdparty-ra-noisystudent_in1k-{475 if image_size == 475 else 800}px"
+    name, archs = VARIANT_MODELS.get(variant or "", ("", ()))
+    if arch in archs and (variant == "advprop") == zero_one_norm:  # its data preprocessor fits the card's
+        return name.format(arch=arch)
     if zero_one_norm:
         return f"efficientnet-{arch}_3rdparty_8xb32-aa-advprop_in1k"
     return None if arch == "b8" else f"efficientnet-{arch}_3rdparty_8xb32-aa_in1k"  # no ImageNet-norm b8 model
+
+
+def create_lines(name: str | None, num_classes: int) -> dict[str, str]:
+    """How to build the model with these weights: `get_model`, its head sized for the card's classes.
+
+    mmpretrain's `get_model(name, pretrained=file)` alone keeps the config's 1000-class head: on another
+    class count it warns "size mismatch" and leaves that head random. mmengine reads torch files only, so a
+    .safetensors is loaded into the built model.
+    """
+    if name is None:
+        return {}
+    head = f"head=dict(num_classes={num_classes})" if num_classes else "head=None"
+    return {
+        "create": f"get_model({name!r}, pretrained={WEIGHTS_VARIABLE}, {head})",
+        "create_safetensors": (
+            f"model = get_model({name!r}, {head}); "
+            f"model.load_state_dict(safetensors.torch.load_file({WEIGHTS_VARIABLE}), strict=True)"
+        ),
+        "weights": f"in the create lines, {WEIGHTS_VARIABLE} is the path of the weights file beside this card "
+        "(create: the .pth; create_safetensors: the .safetensors)",
+    }
 
 
 def card_section(card: ModelCard | dict) -> dict:
@@ -74,7 +113,7 @@ def card_section(card: ModelCard | dict) -> dict:
     )
     section = {
         "config": name,
-        "get_model": model_name(arch, size, zero_one),
+        "get_model": model_name(arch, size, zero_one, card.variant),
         "model": {
             "type": "ImageClassifier",
             "backbone": {"type": "EfficientNet", "arch": arch},
@@ -84,6 +123,7 @@ def card_section(card: ModelCard | dict) -> dict:
         "data_preprocessor": {"mean": list(pre.mean), "std": list(pre.std), "to_rgb": True},
         "checkpoint": "torch .pth: {'state_dict': ..., 'meta': model card}; .safetensors: the bare state dict",
     }
+    section |= create_lines(section["get_model"], num_classes)
     config_norm = (ADVPROP_MEAN, ADVPROP_STD) if zero_one else (IMAGENET_MEAN, IMAGENET_STD)
     if (arch == "l2" and zero_one) or not (_is(pre.mean, config_norm[0]) and _is(pre.std, config_norm[1])):
         section["note"] = f"{name}'s data_preprocessor differs from this model's: use the data_preprocessor above"

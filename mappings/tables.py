@@ -19,9 +19,9 @@ the stage before it (layer 0 is the stem, the last block layer is followed by
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Rule(NamedTuple):
@@ -70,3 +70,13 @@ class LayoutTable:
     block_scope: str  # layout prefix of a block's modules
     library: str  # who loads this layout (named when effconv's own loader refuses it)
     checkpoint_key: str | None = None  # .pth files wrap the state dict as {checkpoint_key: ..., "meta": card}
+    folder: FolderLayout | None = None  # a layout written as a folder (--out DIR), not as one weights file
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """What a folder layout holds: its weights file and the JSON files its library reads, made from the card."""
+
+    weights: str  # the safetensors file's name in the folder; the model card is its X.json beside it
+    files: Mapping[str, Callable[[Any], dict]]  # file name -> its JSON object, from the model card
+    metadata: Mapping[str, str]  # the safetensors metadata the library expects (the card is in X.json)

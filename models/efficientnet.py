@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from effconv.errors import UsageError
 from effconv.models import spec
 from effconv.models.blocks import BLOCKS, ConvBNAct
 from effconv.models.same_padding import PaddedConv
@@ -50,35 +52,84 @@ class EfficientNet(nn.Module):
             out["logits"] = self.classifier(out["pooled_features"])
         return out
 
-    def extract_feat(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Outputs of the stem, of each of the 7 stages, and of the head conv."""
-        feats = [self.stem(x)]
-        y = feats[0]
-        ends = set(self.stage_ends)
+    def stage_names(self) -> list[str]:
+        """Names of the `extract_feat` outputs, by index: `stem`, `stage1`..`stage7`, `head`."""
+        return ["stem"] + [f"stage{i + 1}" for i in range(len(self.stage_ends))] + ["head"]
+
+    def extract_feat(self, x: torch.Tensor, out_indices: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Outputs of the stem (index 0), of each of the 7 stages (1-7) and of the head conv (8).
+
+        `out_indices` picks some of them, as mmpretrain's EfficientNet backbone does (negative ones count
+        from the end; the outputs come in layer order); None gives all nine. Layers after the last one
+        asked for are not run.
+        """
+        wanted = self._out_indices(out_indices)
+        feats = []
+        y = self.stem(x)
+        if 0 in wanted:
+            feats.append(y)
+        stage_of = {end: i + 1 for i, end in enumerate(self.stage_ends)}
         for i, block in enumerate(self.blocks):
+            if len(feats) == len(wanted):
+                return tuple(feats)
             y = block(y)
-            if i in ends:
+            if stage_of.get(i) in wanted:
                 feats.append(y)
-        feats.append(self.head(y))
+        if len(feats) < len(wanted):
+            feats.append(self.head(y))
         return tuple(feats)
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _out_indices(self, out_indices: Sequence[int] | None) -> set[int]:
+        count = len(self.stage_ends) + 2
+        if out_indices is None:
+            return set(range(count))
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        wanted = set()
+        for index in out_indices:
+            if not -count <= index < count:
+                raise UsageError(f"out_indices: {index} is not a layer of {self.arch} (0..{count - 1}, or negative)")
+            wanted.add(index % count)
+        if not wanted:
+            raise UsageError("out_indices is empty: name at least one layer")
+        return wanted
+
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """`extract_feat` as a dict: `stem`, `stage1`..`stage7`, `head`."""
-        feats = self.extract_feat(x)
-        names = ["stem"] + [f"stage{i + 1}" for i in range(len(self.stage_ends))] + ["head"]
-        return dict(zip(names, feats, strict=True))
+        return dict(zip(self.stage_names(), self.extract_feat(x), strict=True))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = features.mean((2, 3))
-        if not self.num_classes:
-            return pooled
-        return self.classifier(self.dropout(pooled))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map (after the head conv, before pooling), as timm's `forward_features`."""
         y = self.stem(x)
         for block in self.blocks:
             y = block(y)
-        return self.forward_head(self.head(y))
+        return self.head(y)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooling and classifier on `forward_features`' output; `pre_logits` stops after the pooling."""
+        pooled = features.mean((2, 3))
+        if pre_logits or not self.num_classes:
+            return pooled
+        return self.classifier(self.dropout(pooled))
+
+    def reset_classifier(self, num_classes: int) -> EfficientNet:
+        """A new, randomly initialised classifier of `num_classes` outputs (0: none), as timm's; returns self.
+
+        It takes the device and dtype of the head conv's weights; the rest of the model is unchanged.
+        """
+        if num_classes < 0:
+            raise UsageError(f"num_classes must be 0 or more, not {num_classes}")
+        if hasattr(self, "classifier"):
+            del self.classifier
+        self.num_classes = num_classes
+        if num_classes:
+            like = self.head.conv.weight
+            width = spec.head_channels(self.arch)
+            self.classifier = nn.Linear(width, num_classes, device=like.device, dtype=like.dtype)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def same_convs(self) -> list[PaddedConv]:
         """Every convolution padded by the padding rule, in the order the input flows through them."""

@@ -423,6 +423,8 @@ class TensorBundleReader:
     serialised by a lock, so one reader may be shared between threads.
     """
 
+    checksummed = True  # read() checks each tensor's crc32c: reading is checking
+
     def __init__(self, prefix: str | os.PathLike) -> None:
         self.prefix = Path(prefix)
         self.index_path = Path(f"{os.fspath(prefix)}.index")

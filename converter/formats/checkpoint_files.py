@@ -212,7 +212,7 @@ def _extract_checkpoint(tar_path: Path, dest: Path, max_bytes: int) -> Path:
     """Extract the one checkpoint inside `tar_path` into `dest`; returns its prefix there."""
     try:
         with tarfile.open(tar_path, mode="r:*") as tar:
-            members = _list_members(tar, tar_path)
+            members = _list_members(tar, tar_path, max_bytes)
             prefix = _choose_tar_prefix(tar, members, tar_path)
             chosen = _tar_checkpoint_members(members, prefix, tar_path)
             _check_safe(chosen, tar_path, max_bytes)
@@ -223,16 +223,25 @@ def _extract_checkpoint(tar_path: Path, dest: Path, max_bytes: int) -> Path:
     return dest / prefix.name
 
 
-def _list_members(tar: tarfile.TarFile, tar_path: Path) -> list[tarfile.TarInfo]:
+def _list_members(tar: tarfile.TarFile, tar_path: Path, max_bytes: int) -> list[tarfile.TarInfo]:
     """Every member, refusing more than any checkpoint tarball holds.
 
     Empty headers compress a thousandfold: a small tarball could otherwise become millions of TarInfo objects.
+    Each header is judged as it is read, before the data behind it: a compressed tarball must be decompressed to
+    reach the next header, and a bomb's members declare tens of GiB of zeros in a few MB, so the sizes declared
+    so far are held to the limit here, not once the whole archive has been read through.
     """
-    members = []
+    members, declared = [], 0
     for member in tar:
         members.append(member)
         if len(members) > _MAX_TAR_MEMBERS:
             raise CheckpointError(f"{tar_path} holds more than {_MAX_TAR_MEMBERS} members; not a checkpoint tarball")
+        declared += member.size
+        if declared > max_bytes:
+            raise CheckpointError(
+                f"{tar_path} would extract to {declared} bytes or more (the sizes its members declare, up to "
+                f"{member.name!r}), over the {max_bytes}-byte limit; refused before reading further"
+            )
     return members
 
 

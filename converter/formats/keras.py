@@ -288,10 +288,17 @@ class KerasH5Format:
         return lines
 
     def tf_reference(self, source: OpenedSource, arch: str, ema: str, allow_mixed: bool, say):
-        raise UsageError(
-            f"{source.origin} is a {self.title} file: effconv verify compares against TF checkpoints only "
-            "(running the Keras model itself as the reference is not built yet)"
-        )
+        """Keras itself runs the file (`keras_reference.KerasReferenceModel`), every weight as stored."""
+        from effconv.ema_policy import EmaChoice
+        from effconv.formats.keras_reference import KerasReferenceModel, legacy_keras
+
+        say("Keras: building the model and loading the file")
+        legacy_keras()  # a missing tf-keras fails here, before any forward pass
+        reader = source.reader
+        layout = detect_keras_layout({k: reader.info(k).shape for k in reader.keys()}, arch)
+        model = KerasReferenceModel(source.location, layout.arch, layout.num_classes, layout.num_blocks)
+        names = [m.source for m in self._plan(layout)]
+        return model, layout.detected, EmaChoice("as stored", {n: n for n in names}, 0, len(names))
 
 
 FORMAT = KerasH5Format()

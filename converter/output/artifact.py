@@ -7,10 +7,12 @@ metadata); the card also sits beside them as `X.json`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -96,9 +98,41 @@ def _remove_stale_temporaries(path: Path) -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a folder layout's temporary is a folder
         except OSError:  # alive, but another user's
             pass
+
+
+# Hard links are missing on some filesystems (FAT, some FUSE and SMB mounts): there the name is claimed by an
+# exclusive create, then replaced.
+_NO_HARD_LINKS = {errno.EPERM, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def _claim(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final` only if no file has that name, in one step.
+
+    Of two runs racing for one output, the second fails with "output exists" instead of replacing the
+    first's: `check_output`'s earlier look cannot see a run that has not committed yet.
+    """
+    exists = UsageError(f"output exists: {final} (use --force to overwrite)")
+    try:
+        os.link(tmp, final)  # fails if `final` exists, atomically
+    except FileExistsError:
+        raise exists from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        try:
+            os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise exists from None
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            final.unlink(missing_ok=True)  # the empty placeholder is ours
+            raise
+        return
+    tmp.unlink()
 
 
 def card_to_metadata(card: dict) -> dict[str, str]:
@@ -137,7 +171,9 @@ class ArtifactWriter:
         for path in (self.out, self.card_file):
             _remove_stale_temporaries(path)
         self.safetensors = self.out.suffix == SAFETENSORS_SUFFIX
+        self.force = force
         self._temps: list[Path] = []
+        self._placed: list[Path] = []  # final names this writer claimed, removed again if the commit fails
         self._kept: dict[str, torch.Tensor] = {}
         self._writer = None
         self._done = False
@@ -182,22 +218,32 @@ class ArtifactWriter:
             self._temps.append(_new_temporary(self.card_file))
             self._temps[1].write_text(json.dumps(card, indent=2) + "\n")
             _seal(self._temps[1])
-            os.replace(self._temps[0], self.out)
-            os.replace(self._temps[1], self.card_file)
+            self._place(self._temps[0], self.out)
+            self._place(self._temps[1], self.card_file)
             self._temps.clear()
+            self._placed.clear()
         self._done = True
         return self.out, self.card_file
 
+    def _place(self, tmp: Path, final: Path) -> None:
+        """Rename a finished temporary into place; without force, only if `final` still does not exist."""
+        if self.force:
+            os.replace(tmp, final)
+            return
+        _claim(tmp, final)
+        self._placed.append(final)
+
     def discard(self) -> None:
-        """Abandon the artifact: temporaries removed, existing outputs untouched."""
+        """Abandon the artifact: temporaries (and names claimed by a commit that failed) removed, others untouched."""
         self._done = True
         self._kept.clear()
         if self._writer is not None:
             self._writer.abort()
-        for tmp in self._temps:
+        for path in (*self._temps, *self._placed):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                path.unlink()
         self._temps.clear()
+        self._placed.clear()
 
     @contextlib.contextmanager
     def _write_errors(self):
@@ -260,11 +306,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "native") -> ModelCard:
+def read_card(weights_path: str | os.PathLike, expect_layout: str | None = None) -> ModelCard:
     """The model card beside `weights_path`, checked; with `expect_layout`, refuse a card of another layout.
 
-    effconv's own loader builds the native model only: a timm or mmpretrain artifact
-    is refused with a message naming the library that loads it.
+    effconv itself loads every layout (`effconv.output.loading.load` maps the names back);
+    `expect_layout` is for a caller that hands the file on to one library, and its refusal
+    names the library that loads the file.
     """
     path = card_path(weights_path)
     if not path.is_file():
@@ -281,8 +328,8 @@ def read_card(weights_path: str | os.PathLike, expect_layout: str | None = "nati
         section = card.layout_section or {}
         hint = section.get("create") or (f"config {section['config']}" if "config" in section else None)
         raise UsageError(
-            f"{weights_path} holds the {card.layout} layout: load it with {library}"
+            f"{weights_path} holds the {card.layout} layout, not {expect_layout}: load it with {library}"
             + (f" ({hint})" if hint else "")
-            + f"; effconv loads {expect_layout} artifacts (effconv convert --layout {expect_layout})"
+            + f", or convert again with --layout {expect_layout}"
         )
     return card

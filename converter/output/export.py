@@ -6,17 +6,23 @@ the input shape is slow and often refused by converters). So the model's padding
 is worked out once for the given size (`EfficientNet.set_input_size`) and goes
 into every `Conv` as constant, possibly asymmetric, `pads`. Height and width are
 fixed; the batch dimension stays free.
+
+The file carries the model card as ONNX metadata (`metadata_props`): the whole card as JSON under
+`effconv.card`, and what a runtime needs to feed the graph under plain keys (`mean`, `std`, `image_size`,
+`crop_padding`, `num_classes`, `class_names`, ...), see `card_metadata`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,7 @@ import torch
 from effconv.errors import OutputError, ParityError, UsageError, one_line
 from effconv.output.writing import writing
 
+Say = Callable[[str], None]
 DEFAULT_ATOL = 1e-4
 CHECK_BATCHES = (2, 1)  # two batch sizes: the free batch dimension is exercised too
 ONNX_SUFFIX = ".onnx"
@@ -75,19 +82,51 @@ def export_onnx(
     check: bool = True,
     atol: float = DEFAULT_ATOL,
     opset: int | None = None,
+    say: Say | None = None,
 ) -> OnnxExport:
     """Export the model `effconv convert` wrote to `weights` (card beside it) as ONNX.
 
     `input_size` (default: the card's image size) fixes height and width; the
     batch stays dynamic. With `check`, onnxruntime runs the file on seeded N(0, 1)
     batches and its output must match PyTorch's within `atol` (max abs), else
-    ParityError (nothing is left at `onnx_path`).
+    ParityError (nothing is left at `onnx_path`). `say` hears each step as it starts (torch's exporter alone
+    takes ~30 s on b0).
     """
     from effconv.output.loading import load
 
     target = _check_target(onnx_path, force)
+    (say or _silent)(f"loading {weights}")
     model = load(weights)
-    return export_model(model, target, int(input_size or model.card.input_size()), check=check, atol=atol, opset=opset)
+    size = int(input_size or model.card.input_size())
+    return export_model(model, target, size, check=check, atol=atol, opset=opset, say=say)
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def card_metadata(model: torch.nn.Module, input_size: int, output_name: str) -> dict[str, str]:
+    """The ONNX metadata: how to feed the graph and read its output, from the model card (when it has one)."""
+    from effconv.zoo.inference import class_names
+
+    card = getattr(model, "card", None)
+    meta = {
+        "arch": model.arch,
+        "image_size": str(input_size),
+        "input": "input: float32 [batch, 3, image_size, image_size], RGB, normalised as (x - mean) / std",
+        "output": output_name,
+        "num_classes": str(model.num_classes),
+    }
+    if model.num_classes:
+        meta["class_names"] = json.dumps(class_names(model.num_classes))
+    pre = None if card is None else card.get("preprocessing")
+    if pre:
+        meta |= {"mean": json.dumps(pre["mean"]), "std": json.dumps(pre["std"])}
+        meta |= {k: str(pre[k]) for k in ("crop_padding", "interpolation") if pre.get(k) is not None}
+    if card is not None:
+        meta |= {k: str(card[k]) for k in ("variant", "weights", "effconv_version") if card.get(k) is not None}
+        meta["effconv.card"] = json.dumps(dict(card))
+    return meta
 
 
 def export_model(
@@ -98,8 +137,10 @@ def export_model(
     check: bool = True,
     atol: float = DEFAULT_ATOL,
     opset: int | None = None,
+    say: Say | None = None,
 ) -> OnnxExport:
     """`export_onnx` for an EfficientNet already in memory (its padding is fixed for `input_size`)."""
+    say = say or _silent
     ort = _onnx_modules()
     target = Path(onnx_path)
     if input_size < 1:
@@ -107,7 +148,9 @@ def export_model(
     model.eval().set_input_size(input_size)
     output_name = "logits" if model.num_classes else "features"
     example = torch.randn(CHECK_BATCHES[0], 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    say(f"exporting efficientnet-{model.arch} at {input_size} px with torch.export (the longest step)")
     program = _export(model, example, output_name, opset)
+    program.model.metadata_props.update(card_metadata(model, input_size, output_name))
 
     # Written in a temporary folder beside the target, then moved into place: never half a file under
     # the target's name. Over 2 GB (l2) the tensors go to an external data file next to it.
@@ -115,8 +158,11 @@ def export_model(
     with writing(target):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
     try:
+        say(f"writing {target}")
         with writing(target):
             program.save(staging / target.name)
+        if check:
+            say("checking with onnxruntime against PyTorch")
         diff = _check_with_onnxruntime(ort, model, staging / target.name, input_size, output_name) if check else None
         if diff is not None and not diff <= atol:
             raise ParityError(f"onnxruntime differs from PyTorch by {diff:.3g} (max abs) > {atol:g}; nothing written")

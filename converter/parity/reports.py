@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -32,36 +33,115 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def to_markdown(reports: Sequence[dict], title: str = "effconv parity report") -> str:
-    lines = [f"# {title}", ""]
-    if reports:
-        v = reports[0]["versions"]
-        lines += [
-            f"effconv {v['effconv']}, torch {v['torch']}, TensorFlow {v['tensorflow']}, numpy {v['numpy']}, "
-            f"Python {v['python']}. {reports[0]['tolerance']}.",
-            "",
-        ]
-    lines += [
-        "| model | input | weights | max abs diff | max rel diff | cosine (min) | top-1 | top-5 "
-        "| first divergent layer | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+def _cell(v) -> str:
+    """A JSON value in one Markdown table cell."""
+    text = _fmt(v) if v is None or isinstance(v, str | int | float) else json.dumps(v)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+# The report's own keys, each rendered in its place; any other key (a newer effconv's) goes in the header table.
+_REPORT_KEYS = {"arch", "num_classes", "weights", "source", "source_sha256", "artifact", "atol", "rtol", "cases"}
+_REPORT_KEYS |= {"versions", "notes", "passed", "tolerance"}
+_CASE_KEYS = {"name", "input", "batch", "input_size", "logits", "cosine_min", "top1_agreement", "top5_agreement"}
+_CASE_KEYS |= {"layers", "first_divergent", "preprocessing_max_abs", "seconds_tf", "seconds_torch", "passed"}
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "**FAIL**"
+
+
+def _header(rep: dict) -> list[str]:
+    v = rep["versions"]
+    hashes = ", ".join(f"{name} {digest}" for name, digest in (rep.get("source_sha256") or {}).items())
+    rows = [
+        ("model", f"efficientnet-{rep['arch']}, {rep['num_classes']} classes"),
+        ("weights checked", f"{rep.get('artifact') or 'in-memory conversion'} ({rep['weights']} copy)"),
+        ("source", rep["source"]),
+        ("source sha256", hashes or "-"),
+        ("tolerance", rep.get("tolerance") or f"atol {rep['atol']:g}, rtol {rep['rtol']:g}"),
+        ("versions", ", ".join(f"{k} {val}" for k, val in v.items())),
+        *((k, val) for k, val in rep.items() if k not in _REPORT_KEYS),
     ]
+    verdict = _verdict(rep.get("passed", all(c["passed"] for c in rep["cases"])))
+    return [f"## {verdict}: efficientnet-{rep['arch']}", "", "| | |", "|---|---|"] + [
+        f"| {k} | {_cell(x)} |" for k, x in rows
+    ]
+
+
+def _cases_table(rep: dict) -> list[str]:
+    lines = [
+        "| case | input | batch | size | max abs diff | limit | max rel diff | cosine (min) | top-1 | top-5 "
+        "| first divergent layer | seconds TF / torch | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rep["cases"]:
+        lg = c["logits"] or {}
+        size = "x".join(map(str, c["input_size"]))
+        lines.append(
+            f"| {c['name']} | {c['input']} | {c['batch']} | {size} | {_fmt(lg.get('max_abs'))} | "
+            f"{_fmt(lg.get('tolerance'))} | {_fmt(lg.get('max_rel'))} | {_fmt(c['cosine_min'])} | "
+            f"{_fmt(c['top1_agreement'])} | {_fmt(c['top5_agreement'])} | {c['first_divergent'] or '-'} | "
+            f"{c['seconds_tf']:.2f} / {c['seconds_torch']:.2f} | {_verdict(c['passed'])} |"
+        )
+    extra = [(c["name"], k, v) for c in rep["cases"] for k, v in c.items() if k not in _CASE_KEYS]
+    if extra:
+        lines += [
+            "",
+            "| case | field | value |",
+            "|---|---|---|",
+            *(f"| {n} | {k} | {_cell(v)} |" for n, k, v in extra),
+        ]
+    return lines
+
+
+def _layer_table(case: dict) -> list[str]:
+    lines = [
+        f"### Per layer: {case['name']}",
+        "",
+        "| layer | shape | max abs diff | limit | max rel diff | max abs TF | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for layer in case["layers"]:
+        result = _verdict(layer["passed"])
+        if layer["name"] == case["first_divergent"]:
+            result += " (first divergent layer)"
+        lines.append(
+            f"| {layer['name']} | {'x'.join(map(str, layer['shape']))} | {_fmt(layer['max_abs'])} | "
+            f"{_fmt(layer['tolerance'])} | {_fmt(layer['max_rel'])} | {_fmt(layer['ref_absmax'])} | {result} |"
+        )
+    return lines
+
+
+def _preprocessing_table(rep: dict) -> list[str]:
+    images = [c for c in rep["cases"] if c.get("preprocessing_max_abs") is not None]
+    if not images:
+        return []
+    return [
+        "### Preprocessing: effconv's (numpy) against TensorFlow's own ops",
+        "",
+        "Both models are given TensorFlow's preprocessing; this is how far effconv's differs (0-255 pixel scale).",
+        "",
+        "| case | max abs diff of preprocessed pixels |",
+        "|---|---|",
+        *(f"| {c['name']} | {_fmt(c['preprocessing_max_abs'])} |" for c in images),
+    ]
+
+
+def to_markdown(reports: Sequence[dict], title: str = "effconv parity report") -> str:
+    """Everything the JSON report holds, for people: header, cases, per-layer tables, preprocessing, notes."""
+    lines = [f"# {title}", ""]
     for rep in reports:
-        for c in rep["cases"]:
-            lg = c["logits"] or {}
-            extra = f" (preprocessing {c['preprocessing_max_abs']:.2g})" if c.get("preprocessing_max_abs") else ""
-            lines.append(
-                f"| {c['name']} | {c['input']}{extra} | {rep['weights']} | {_fmt(lg.get('max_abs'))} | "
-                f"{_fmt(lg.get('max_rel'))} | {_fmt(c['cosine_min'])} | {_fmt(c['top1_agreement'])} | "
-                f"{_fmt(c['top5_agreement'])} | {c['first_divergent'] or '-'} | "
-                f"{'PASS' if c['passed'] else '**FAIL**'} |"
-            )
-    notes = [n for rep in reports for n in rep.get("notes", [])]
-    if notes:
-        lines += ["", *[f"- {n}" for n in notes]]
+        lines += [*_header(rep), "", "### Cases", "", *_cases_table(rep), ""]
+        for case in rep["cases"]:
+            if case["layers"]:
+                lines += [*_layer_table(case), ""]
+        pre = _preprocessing_table(rep)
+        lines += [*pre, ""] if pre else []
+        if rep.get("notes"):
+            lines += ["### Notes", "", *[f"- {n}" for n in rep["notes"]], ""]
     total = sum(len(r["cases"]) for r in reports)
     failed = sum(not c["passed"] for r in reports for c in r["cases"])
-    lines += ["", f"**{total - failed} passed, {failed} failed**", ""]
+    lines += [f"**{total - failed} passed, {failed} failed**", ""]
     return "\n".join(lines)
 
 
@@ -92,36 +172,143 @@ def to_junit(reports: Sequence[dict], suite: str = "effconv-parity") -> str:
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def to_png(reports: Sequence[dict], path: Path) -> None:
+# Differences of exactly 0 have no place on a log axis: they are drawn at this floor.
+_LOG_FLOOR = 1e-12
+
+
+def _plottable(values) -> list[float]:
+    """Differences for a log axis: 0 at the floor, inf (shapes differ) left out (nan)."""
+    return [max(v, _LOG_FLOOR) if math.isfinite(v) else math.nan for v in values]
+
+
+def _title(reports: Sequence[dict]) -> str:
+    rep = reports[0]
+    cases = [c for r in reports for c in r["cases"]]
+    weights = (
+        Path(rep["artifact"]).name if rep.get("artifact") else f"in-memory conversion of {Path(rep['source']).name}"
+    )
+    dtype = f", {rep['dtype']}" if isinstance(rep.get("dtype"), str) else ""
+    images = [c for c in cases if c.get("preprocessing_max_abs") is not None]
+    inputs = list(dict.fromkeys(c["input"] for c in cases if c.get("preprocessing_max_abs") is None))
+    inputs += [f"{len(images)} image{'s' if len(images) > 1 else ''}"] if images else []
+    failed = [c for c in cases if not c["passed"]]
+    verdict = "PASS" if not failed else f"FAIL ({len(failed)} of {len(cases)} cases)"
+    first = next((c for c in failed if c["first_divergent"]), None)
+    verdict += f", first divergent layer {first['first_divergent']} ({first['name']})" if first else ""
+    more = f" (+{len(reports) - 1} more reports)" if len(reports) > 1 else ""
+    return (
+        f"efficientnet-{rep['arch']} ({rep['num_classes']} classes), weights {weights} "
+        f"({rep['weights']} copy{dtype}){more}\ninput: {'; '.join(inputs)}\n{verdict}"
+    )
+
+
+def _layers_panel(ax, cases: Sequence[dict]) -> None:
+    """Per-layer max difference against each layer's own limit; failures crossed, the first divergent marked."""
+    longest = max((c["layers"] for c in cases), key=len)
+    first: dict[int, list[tuple[float, str]]] = {}  # layer index -> (y, layer) of each case first diverging there
+    for i, case in enumerate(cases):
+        layers, color = case["layers"], f"C{i % 10}"
+        x = list(range(len(layers)))
+        diffs = _plottable(layer["max_abs"] for layer in layers)
+        ax.plot(x, diffs, marker=".", color=color, label=f"{case['name']}: max |torch - tf|")
+        ax.step(x, [layer["tolerance"] for layer in layers], where="mid", linestyle="--", color=color, alpha=0.7)
+        bad = [j for j, layer in enumerate(layers) if not layer["passed"]]
+        if bad:
+            ax.scatter(bad, [diffs[j] for j in bad], marker="x", s=60, color="red", zorder=3)
+        if case["first_divergent"]:
+            j = [layer["name"] for layer in layers].index(case["first_divergent"])
+            y = diffs[j] if math.isfinite(diffs[j]) else layers[j]["tolerance"]
+            first.setdefault(j, []).append((y, case["first_divergent"]))
+    for j, hits in first.items():  # one mark per layer, however many cases first diverge there
+        ax.axvline(j, color="red", linestyle=":", linewidth=1.2)
+        label = f"first divergent: {hits[0][1]}" + (f" ({len(hits)} cases)" if len(hits) > 1 else "")
+        right = j > len(longest) / 2  # keep the text inside the axes
+        ax.annotate(
+            label,
+            (j, max(y for y, _ in hits)),
+            xytext=(-6 if right else 6, 8),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            color="red",
+            fontsize=8,
+        )
+    ax.plot([], [], linestyle="--", color="gray", label="each layer's limit (dashed, per case)")
+    if any(not layer["passed"] for c in cases for layer in c["layers"]):
+        ax.scatter([], [], marker="x", color="red", label="beyond its limit")
+    names = [layer["name"] for layer in longest]
+    step = max(1, len(names) // 30)
+    ax.set_xticks(range(0, len(names), step), names[::step], rotation=60, fontsize=7, ha="right")
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (output of each)")
+    ax.set_ylabel("max |torch - tf|")
+    ax.set_title("per layer", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _cases_panel(ax, cases: Sequence[dict]) -> None:
+    """One column per case (input size, given batch, image): its final output's difference and limit."""
+    shown = [c for c in cases if c["logits"]]
+    x = list(range(len(shown)))
+    diffs = _plottable(c["logits"]["max_abs"] for c in shown)
+    for passed, marker, color, label in ((True, "o", "green", "within its limit"), (False, "x", "red", "beyond")):
+        at = [j for j, c in enumerate(shown) if c["logits"]["passed"] == passed]
+        if at:
+            ax.scatter(at, [diffs[j] for j in at], marker=marker, s=50, color=color, label=label, zorder=3)
+    ax.scatter(x, [c["logits"]["tolerance"] for c in shown], marker="_", s=600, color="black", label="limit")
+    for j, d in enumerate(diffs):
+        if math.isfinite(d):
+            ax.annotate(f"{d:.2g}", (j, d), xytext=(7, -3), textcoords="offset points", fontsize=7)
+    ax.set_xticks(x, [c["name"] for c in shown], rotation=20 if len(shown) > 3 else 0, fontsize=8, ha="right")
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("case (input)")
+    final = shown[0]["logits"]["name"] if shown else "logits"
+    ax.set_ylabel(f"max |torch - tf| of {final}")
+    ax.set_title(f"{final} per case", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _preprocessing_panel(ax, images: Sequence[dict]) -> None:
+    """Per image: how far effconv's preprocessing is from TensorFlow's (both models get TF's)."""
+    diffs = [c["preprocessing_max_abs"] for c in images]
+    ax.bar(range(len(images)), diffs, color="C1", width=0.5)
+    for j, d in enumerate(diffs):
+        ax.annotate(f"{d:.2g}", (j, d), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks(range(len(images)), [c["name"] for c in images], rotation=20 if len(images) > 3 else 0, fontsize=8)
+    ax.set_xlim(-0.6, len(images) - 0.4)
+    ax.set_ylim(0, 1.25 * max(diffs) or 1.0)  # all 0 (the usual): an axis from 0, not around it
+    ax.set_xlabel("image")
+    ax.set_ylabel("max |effconv - TF|, 0-255")
+    ax.set_title("preprocessing per image (effconv's numpy against TensorFlow's ops)", fontsize=9)
+
+
+def build_figure(reports: Sequence[dict]):
+    """The PNG report as a matplotlib Figure: per-layer panel (when measured), per-case and per-image panels."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     cases = [c for rep in reports for c in rep["cases"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    longest = max((len(c["layers"]) for c in cases), default=0)
-    plotted = False
-    for c in cases:
-        layers = c["layers"] or ([c["logits"]] if c["logits"] else [])
-        diffs = [max(layer["max_abs"], 1e-12) for layer in layers]
-        ax.plot(range(len(diffs)), diffs, marker=".", label=c["name"])
-        plotted = True
-    atol = reports[0]["atol"] if reports else 0
-    if atol:
-        ax.axhline(atol, color="red", linestyle="--", label=f"atol {atol:g}")
-    if longest:
-        names = [layer["name"] for layer in max((c["layers"] for c in cases), key=len)]
-        step = max(1, len(names) // 24)
-        ax.set_xticks(range(0, len(names), step), names[::step], rotation=60, fontsize=7, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("max |torch - tf|")
-    ax.set_title("per-layer difference (logits only where no per-layer run)")
-    if plotted:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    layered = [c for c in cases if c["layers"]]
+    images = [c for c in cases if c.get("preprocessing_max_abs") is not None]
+    panels = [(_layers_panel, layered)] if layered else []
+    if not layered or len(cases) > 1:  # one case's logits are the last point of its per-layer line
+        panels.append((_cases_panel, cases))
+    if images:
+        panels.append((_preprocessing_panel, images))
+    heights = [2.0 if draw is _layers_panel else 1.0 for draw, _ in panels]
+    fig = Figure(figsize=(11, 1.3 + 3.0 * sum(heights)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (draw, shown) in zip(axes, panels, strict=True):
+        draw(ax, shown)
+    fig.suptitle(_title(reports) if reports else "effconv parity report", fontsize=10)
+    return fig
+
+
+def to_png(reports: Sequence[dict], path: Path) -> None:
+    build_figure(reports).savefig(path, dpi=110)
 
 
 WRITERS: dict[str, Callable[[Sequence[dict], Path], None]] = {

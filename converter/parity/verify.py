@@ -22,9 +22,22 @@ import torch
 from effconv import __version__
 from effconv.card import ModelCard
 from effconv.errors import UsageError
+from effconv.parity.arguments import check_weights_fit_source, image_files
 
 DEFAULT_ATOL = 1e-3
 DEFAULT_RTOL = 0.0
+# The dtype of the weights checked (the card's `dtype`) sets the default tolerance: (atol, rtol). Weights rounded
+# to float16 / bfloat16 move every output by a few of the dtype's epsilon (2**-10, 2**-7) times its scale:
+# measured on the official-b0 fixture (its oracle inputs and N(0,1) batches of seeds 0-3, against the float32
+# conversion), the logits moved by at most 8.7 eps x max|logit| (float16: 0.087 of 10.2) and 5.6 eps (bfloat16:
+# 0.44 of 10.2), any other layer by at most 15.3 eps x max(1, max|layer|). HALF_PRECISION_EPS = 32 eps keeps a
+# margin of 3.7 on the logits and 2 on the layers.
+HALF_PRECISION_EPS = 32
+DTYPE_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float32": (DEFAULT_ATOL, DEFAULT_RTOL),
+    "float16": (DEFAULT_ATOL, HALF_PRECISION_EPS * 2.0**-10),
+    "bfloat16": (DEFAULT_ATOL, HALF_PRECISION_EPS * 2.0**-7),
+}
 Say = Callable[[str], None]
 
 
@@ -79,6 +92,8 @@ class VerifyReport:
     cases: list[CaseResult]
     versions: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    dtype: str = "float32"  # of the weights checked, as their card says (an in-memory conversion: float32)
+    tolerance_from: str = "the float32 default"  # or "--atol/--rtol given", "the float16 default", ...
 
     @property
     def passed(self) -> bool:
@@ -90,8 +105,8 @@ class VerifyReport:
         for case, obj in zip(out["cases"], self.cases, strict=True):
             case["passed"] = obj.passed
         out["tolerance"] = (
-            f"logits: max|torch - tf| <= {self.atol:g} + {self.rtol:g} * max|tf|; "
-            f"other layers: max|torch - tf| <= {self.atol:g} * max(1, max|tf layer|)"
+            f"{self.dtype} weights, {self.tolerance_from}: logits: max|torch - tf| <= {self.atol:g} + {self.rtol:g} "
+            f"* max|tf|; other layers: max|torch - tf| <= {self.atol + self.rtol:g} * max(1, max|tf layer|)"
         )
         return out
 
@@ -185,12 +200,24 @@ def compare_case(
     if per_layer or not logits.passed:
         for layer in endpoint_order(len(torch_model.blocks), has_logits):
             ref_layer = tf_out[layer]
-            layer_tol = tol if layer == final else atol * max(1.0, float(np.abs(ref_layer).max()))
+            layer_tol = tol if layer == final else (atol + rtol) * max(1.0, float(np.abs(ref_layer).max()))
             diff = compare(layer, torch_out[layer], ref_layer, layer_tol)
             case.layers.append(diff)
             if not diff.passed and case.first_divergent is None:
                 case.first_divergent = layer
     return case
+
+
+def resolve_tolerance(dtype: str | None, atol: float | None, rtol: float | None) -> tuple[float, float, str]:
+    """(atol, rtol, where they come from): the dtype's defaults (`DTYPE_TOLERANCES`) unless the user gave either.
+
+    A user who gives --atol or --rtol sets the tolerance: the one not given is then the float32 default.
+    """
+    dtype = dtype if dtype in DTYPE_TOLERANCES else "float32"
+    if atol is None and rtol is None:
+        return (*DTYPE_TOLERANCES[dtype], f"the {dtype} default")
+    atol = DEFAULT_ATOL if atol is None else atol
+    return atol, DEFAULT_RTOL if rtol is None else rtol, "--atol/--rtol given"
 
 
 def random_batch(batch: int, size: int, seed: int) -> np.ndarray:
@@ -228,8 +255,8 @@ def verify(
     input_sizes: list[int] | None = None,
     images: str | os.PathLike | None = None,
     inputs: np.ndarray | None = None,
-    atol: float = DEFAULT_ATOL,
-    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     per_layer: bool = False,
     ema: str = "auto",
     allow_mixed: bool = False,
@@ -239,7 +266,9 @@ def verify(
     """Compare TF and PyTorch on seeded N(0,1) batches (and optionally real images).
 
     `ema` picks the checkpoint's copies for an in-memory conversion (as `convert_checkpoint`); with
-    `artifact`, the copies its card records are used.
+    `artifact`, the copies its card records are used. `atol`/`rtol`: None for the defaults of the
+    weights' dtype (`DTYPE_TOLERANCES`: a float16 or bfloat16 artifact differs from TensorFlow by its
+    rounding); either given replaces them (`resolve_tolerance`).
     """
     from effconv.formats import open_source
     from effconv.output.hashing import sha256_file
@@ -247,12 +276,18 @@ def verify(
     say = say or (lambda _m: None)
     if batch < 1:
         raise UsageError("--batch must be at least 1")
-    if atol < 0 or rtol < 0:
+    if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
         raise UsageError("--atol and --rtol must not be negative")
     artifact = str(artifact) if artifact is not None else None
+    # Every argument is checked before the conversion and TensorFlow start (parity/arguments.py).
+    image_paths = image_files(images) if images is not None else None
+    if artifact is not None:
+        check_weights_fit_source(src, artifact)
     torch_model, card = _torch_side(src, artifact, ema, allow_mixed, variant, say)
     if artifact is not None:
         ema, allow_mixed = _policy_from_card(card)
+    dtype = card.dtype or "float32"
+    atol, rtol, tolerance_from = resolve_tolerance(dtype, atol, rtol)
     notes: list[str] = []
     with open_source(src) as source:
         recorded = card.source_sha256
@@ -287,8 +322,8 @@ def verify(
                 name, desc, x, tf_model, torch_model, atol=atol, rtol=rtol, per_layer=per_layer, say=say
             )
             cases.append(case)
-        if images is not None:
-            cases.extend(_image_cases(Path(images), card, tf_model, torch_model, atol, rtol, per_layer, say))
+        if image_paths is not None:
+            cases.extend(_image_cases(image_paths, card, tf_model, torch_model, atol, rtol, per_layer, say))
     return VerifyReport(
         arch=layout.arch,
         num_classes=layout.num_classes,
@@ -301,6 +336,8 @@ def verify(
         cases=cases,
         versions=versions(),
         notes=notes,
+        dtype=dtype,
+        tolerance_from=tolerance_from,
     )
 
 
@@ -326,18 +363,10 @@ def load_inputs(path: str | os.PathLike) -> np.ndarray:
     return check_inputs(data)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
-
-
-def _image_cases(folder: Path, card: ModelCard, tf_model, torch_model, atol, rtol, per_layer, say) -> list[CaseResult]:
+def _image_cases(paths: list[Path], card: ModelCard, tf_model, torch_model, atol, rtol, per_layer, say):
     """Each image preprocessed twice: by TF's own ops (TF side) and by our numpy port (PyTorch side)."""
     from effconv.zoo import preprocess
 
-    if not folder.is_dir():
-        raise UsageError(f"--images: not a directory: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES)
-    if not paths:
-        raise UsageError(f"--images: no .jpg/.jpeg/.png files in {folder}")
     pre = card.needs_preprocessing("--images needs it")
     size = pre.image_size
     cases = []

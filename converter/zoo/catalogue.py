@@ -11,6 +11,12 @@ from pathlib import Path
 from effconv.errors import UsageError
 
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
+# Why a row's sha256 is null: the catalogue was written where the bucket could not be reached, and a digest
+# is only worth pinning once computed from the real file.
+UNPINNED_NOTE = (
+    "not pinned: the official tarball's sha256 could not be established when the catalogue was written (no "
+    "network); `effconv download` records the sha256 of the tarball it fetches and checks it on every later use"
+)
 BASE_URL_ENV = "EFFCONV_BASE_URL"  # where the tarballs are fetched from: a mirror, or a test server
 
 
@@ -45,7 +51,10 @@ class CatalogueEntry:
         return self.file.removesuffix(".tar.gz").removesuffix(".tgz").removesuffix(".tar")
 
     def to_dict(self, base_url: str | None = None) -> dict:
-        return {**asdict(self), "url": self.url(base_url)}
+        out = {**asdict(self), "url": self.url(base_url)}
+        if self.sha256 is None:
+            out["sha256_note"] = UNPINNED_NOTE
+        return out
 
 
 @cache
@@ -95,6 +104,27 @@ def get_entry(name: str) -> CatalogueEntry:
 def select(arch: str | None = None, variant: str | None = None) -> list[CatalogueEntry]:
     """Entries of one arch and/or variant."""
     return [e for e in entries() if (arch is None or e.arch == arch) and (variant is None or e.variant == variant)]
+
+
+def checksum_note(rows: list[CatalogueEntry]) -> str | None:
+    """A line under the table saying which rows have no pinned sha256, or None when every row has one."""
+    unpinned = sum(e.sha256 is None for e in rows)
+    if not unpinned:
+        return None
+    which = "any of these checkpoints" if unpinned == len(rows) else f"{unpinned} of these {len(rows)} checkpoints"
+    return f"sha256: {UNPINNED_NOTE.replace('not pinned', f'not pinned for {which}', 1)}"
+
+
+def explain_no_match(arch: str | None, variant: str | None) -> str:
+    """Why `select(arch, variant)` is empty, and what the catalogue has instead."""
+    asked = " ".join(f"--{k} {v}" for k, v in (("arch", arch), ("variant", variant)) if v is not None)
+    if arch is not None and select(arch):
+        there = sorted({e.variant for e in select(arch)})
+        return f"no catalogue row matches {asked}: {arch} is released as {', '.join(there)} only"
+    if arch is not None:
+        return f"no catalogue row matches {asked}: no official checkpoint of {arch} is released"
+    variants = sorted({e.variant for e in entries()})
+    return f"no catalogue row matches {asked}: the catalogue's variants are {', '.join(variants)}"
 
 
 def _figure(value: float | None) -> str:

@@ -100,6 +100,9 @@ def download(
 
     A tarball already there is checked against the sha256 recorded when it was downloaded; a mismatch is an
     error (`force` downloads it again). A failed transfer is retried `retries` times, resuming each time.
+    A new copy is fetched to `X.part`, checked (sha256, then extracted aside) and only then put in place of
+    the tarball, its checksum record and the extracted checkpoint: with `force`, a fetch or a check that
+    fails leaves what was there as it was.
     """
     dest = Path(dest) if dest is not None else default_download_dir()
     archive = archive_path(entry, dest)
@@ -108,17 +111,25 @@ def download(
     except OSError as e:
         raise OutputError(f"cannot create download folder {archive.parent}: {e.strerror or e}") from e
     if force:
-        _remove(archive, _record_path(archive), *_part_paths(archive))
-        _remove_tree(checkpoint_dir(entry, dest))
-    fetched = not archive.is_file()
-    if fetched:
-        url = entry.url(base_url)
-        _fetch(url, archive, progress, retries=retries, timeout=timeout, backoff=backoff, max_bytes=max_bytes)
-        digest = _keep_verified_part(entry, archive, url)
-    else:
+        _remove(*_part_paths(archive))  # a fresh copy: not the rest of an earlier attempt
+    had_archive = archive.is_file()
+    fetched = force or not had_archive
+    if not fetched:
         digest = _verify_present(entry, archive)
-    extracted = _extract(entry, archive, dest, max_extract_bytes) if extract else None
-    return Download(entry, archive, digest, extracted, fetched)
+        extracted = _extract(entry, archive, dest, max_extract_bytes) if extract else None
+        return Download(entry, archive, digest, extracted, fetched)
+    url = entry.url(base_url)
+    target = checkpoint_dir(entry, dest) if extract else None
+    if target is not None and not force:
+        _check_extraction_target(target)
+    try:
+        _fetch(url, archive, progress, retries=retries, timeout=timeout, backoff=backoff, max_bytes=max_bytes)
+        digest = _install_part(entry, archive, url, target, max_extract_bytes)
+    except CheckpointError as e:
+        if had_archive:
+            raise CheckpointError(f"{e}; the copy already in {archive} is kept as it was") from None
+        raise
+    return Download(entry, archive, digest, target, fetched)
 
 
 def find_downloaded(entry: CatalogueEntry, dest: str | os.PathLike | None = None) -> Path | None:
@@ -155,17 +166,39 @@ def resolve_source(
 # --- checksums ------------------------------------------------------------------------
 
 
-def _keep_verified_part(entry: CatalogueEntry, archive: Path, url: str) -> str:
-    """Check the finished `.part` file, rename it into place and record its sha256."""
+def _install_part(entry: CatalogueEntry, archive: Path, url: str, target: Path | None, max_extract_bytes: int) -> str:
+    """Check the finished `.part` file, then put it (and its checkpoint, into `target`) in place of the old ones.
+
+    Checked: its sha256 against the catalogue's, and, with a `target`, its extraction into a hidden folder
+    beside it. A part that fails either is deleted; the old tarball, record and checkpoint are touched only
+    once both passed, each replaced by one rename.
+    """
     part, meta = _part_paths(archive)
     digest = sha256_file(part)
     problem = _mismatch(entry, digest, None)
     if problem:
         _remove(part, meta)
         raise CheckpointError(f"downloaded {url}: {problem}; deleted it")
-    os.replace(part, archive)
-    _write_record(archive, url, digest)
-    _remove(meta)
+    fresh = None
+    try:
+        if target is not None:
+            fresh = _new_folder_beside(target)
+            try:
+                extract_checkpoint(part, fresh, max_extract_bytes)
+            except CheckpointError:
+                _remove(part, meta)  # complete and as served, but no checkpoint: resuming it cannot help
+                raise
+        record = _record(archive, url, digest, part.stat().st_size)
+        with writing.writing(archive):
+            os.replace(part, archive)
+        _write_json(_record_path(archive), record)
+        _remove(meta)
+        if fresh is not None:
+            with writing.writing(target):
+                _replace_folder(fresh, target)
+    finally:
+        if fresh is not None:
+            _remove_tree(fresh)
     return digest
 
 
@@ -177,7 +210,7 @@ def _verify_present(entry: CatalogueEntry, archive: Path) -> str:
     if problem:
         raise CheckpointError(f"{archive} is corrupted: {problem}; download it again with --force")
     if record is None:
-        _write_record(archive, None, digest)
+        _write_json(_record_path(archive), _record(archive, None, digest, archive.stat().st_size))
     return digest
 
 
@@ -193,16 +226,24 @@ def _read_record(archive: Path) -> dict | None:
     return record
 
 
-def _write_record(archive: Path, url: str | None, digest: str) -> None:
-    record = {
+def recorded_sha256(archive: Path) -> str | None:
+    """The sha256 recorded for a downloaded tarball (no re-hashing), or None when there is no usable record."""
+    try:
+        record = _read_record(archive)
+    except CheckpointError:
+        return None
+    return None if record is None else str(record["sha256"]).lower()
+
+
+def _record(archive: Path, url: str | None, digest: str, size: int) -> dict:
+    return {
         "file": archive.name,
         "url": url,
-        "bytes": archive.stat().st_size,
+        "bytes": size,
         "sha256": digest,
         "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "effconv_version": __version__,
     }
-    _write_json(_record_path(archive), record)
 
 
 def _mismatch(entry: CatalogueEntry, digest: str, record: dict | None) -> str | None:
@@ -254,11 +295,9 @@ def _fetch(
             reason = str(getattr(e, "reason", None) or e) or type(e).__name__
         failures += 1
         if failures > retries:
-            held = part.stat().st_size if part.exists() else 0
-            raise CheckpointError(
-                f"download of {url} failed after {failures} attempts ({reason}); {held} bytes kept in {part}, "
-                "run the same command again to resume"
-            )
+            held = part.stat().st_size if part.is_file() else 0
+            kept = f"{held} bytes kept in {part}, run the same command again to resume" if held else "nothing received"
+            raise CheckpointError(f"download of {url} failed after {failures} attempts ({reason}); {kept}")
         time.sleep(min(backoff * 2 ** (failures - 1), 30.0))
 
 
@@ -327,10 +366,8 @@ def _extract(entry: CatalogueEntry, archive: Path, dest: Path, max_bytes: int) -
     target = checkpoint_dir(entry, dest)
     if target.is_dir() and any(target.glob("*.index")):
         return target
-    if target.exists() or target.is_symlink():
-        raise UsageError(f"{target} exists but holds no checkpoint; remove it or use --force")
-    with writing.writing(target):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _check_extraction_target(target)
+    tmp = _new_folder_beside(target)
     try:
         extract_checkpoint(archive, tmp, max_bytes)
         with writing.writing(target):
@@ -338,6 +375,34 @@ def _extract(entry: CatalogueEntry, archive: Path, dest: Path, max_bytes: int) -
     finally:
         _remove_tree(tmp)
     return target
+
+
+def _check_extraction_target(target: Path) -> None:
+    """Refuse to put a checkpoint where something else is (a checkpoint already there is replaced)."""
+    if (target.exists() or target.is_symlink()) and not (target.is_dir() and any(target.glob("*.index"))):
+        raise UsageError(f"{target} exists but holds no checkpoint; remove it or use --force")
+
+
+def _new_folder_beside(target: Path) -> Path:
+    with writing.writing(target):
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an old `target` is moved aside first and deleted only once `new` is in place."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):  # a link (what it points to is kept)
+        target.unlink()  # or a file, where --force puts the checkpoint
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
+    os.replace(target, old)  # onto the empty folder just made: a rename, nothing copied
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    _remove_tree(old)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -167,7 +167,9 @@ def _decode_with_pil(data: bytes, label: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # PIL's message names its in-memory buffer, not the file
+        raise UsageError(f"cannot read image {label}: not an image format effconv reads, or corrupt") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"cannot read image {label}: {e}") from None
 
 

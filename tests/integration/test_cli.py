@@ -228,3 +228,30 @@ def test_a_bug_while_writing_is_no_disk_problem(fixture_ckpt, tmp_path, monkeypa
     with pytest.raises(TypeError, match="a bug in the write path"):
         run_cli("convert", "--src", fixture_ckpt, "--out", tmp_path / "b0.pth", "-q")
     assert not list(tmp_path.iterdir())  # the artifact is discarded all the same
+
+
+def test_list_explains_an_empty_result():
+    result = run_cli("list", "--arch", "b8", "--variant", "standard")
+    assert result.exit_code == 0
+    expected = "no catalogue row matches --arch b8 --variant standard: b8 is released as advprop only"
+    assert result.stdout.strip() == expected  # not a bare table header
+    as_json = run_cli("list", "--arch", "l2", "--variant", "advprop", "--json")
+    assert json.loads(as_json.stdout) == [] and "l2 is released as noisystudent only" in as_json.stderr
+
+
+def _tf_noise(verbose: bool, out: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    from effconv.parity.quiet_tensorflow import is_noise
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+    args = ["synth", "--arch", "b0", "--num-classes", "10", "--out", str(out), *(["--verbose"] if verbose else [])]
+    done = subprocess.run([sys.executable, "-m", "effconv.cli", *args], capture_output=True, text=True, env=env)
+    return done, [line for line in done.stderr.splitlines() if is_noise(line)]
+
+
+def test_synth_silences_tensorflow_start_up_lines_unless_verbose(tmp_path):
+    done, noise = _tf_noise(False, tmp_path / "quiet")
+    assert done.returncode == 0 and noise == [], done.stderr
+    assert "absl::InitializeLog" not in done.stderr and "oneDNN custom operations" not in done.stderr
+    assert done.stderr.splitlines()[0].startswith("drawing the EMA weights")  # synth's own progress is kept
+    done, noise = _tf_noise(True, tmp_path / "verbose")
+    assert done.returncode == 0 and any("absl::InitializeLog" in line for line in noise), done.stderr

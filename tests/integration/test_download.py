@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from effconv.errors import CheckpointError, OutputError, UsageError
 from effconv.output import writing
@@ -258,3 +259,83 @@ def test_cli_download_errors(tmp_path):
     with serve({}) as m:
         result = run_cli("download", B0.name, "--dest", tmp_path, "--base-url", m.url, "-q")
     assert result.exit_code == 2 and "HTTP 404" in result.output
+
+
+# ---- --force: the good copy stays until the new one is complete and checked ------------------------------------
+
+
+def _snapshot(dest: Path) -> dict[str, bytes]:
+    """Every file under `dest` (hidden ones too) by relative path: what a failed forced download must not change."""
+    return {str(p.relative_to(dest)): p.read_bytes() for p in sorted(dest.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def downloaded(mirror, tmp_path) -> Path:
+    download(B0, tmp_path, base_url=mirror.url, **FAST)
+    return tmp_path
+
+
+def test_failed_forced_download_keeps_the_good_copy(downloaded):
+    before = _snapshot(downloaded)
+    assert {B0.file, B0.file + ".sha256.json", B0.stem + "/model.ckpt.index"} <= set(before)
+    with pytest.raises(CheckpointError) as error:
+        download(B0, downloaded, base_url="http://127.0.0.1:1", force=True, retries=0, **FAST)
+    message = str(error.value)
+    assert "nothing received" in message and "kept as it was" in message
+    assert ".part" not in message  # no part file was written: none is named
+    assert _snapshot(downloaded) == before
+
+
+def test_failed_forced_download_through_the_cli(downloaded):
+    before = _snapshot(downloaded)
+    args = ("download", B0.name, "--dest", downloaded, "--base-url", "http://127.0.0.1:1", "--force", "--retries", "0")
+    result = run_cli(*args, "-q")
+    assert result.exit_code == 2, result.output
+    assert ".part" not in result.stderr and "kept as it was" in result.stderr, result.stderr
+    assert _snapshot(downloaded) == before
+
+
+def test_forced_download_of_a_bad_copy_keeps_the_good_one(downloaded, mirror):
+    """A new copy that arrives whole but holds no safe checkpoint is not put in place of the good one."""
+    before = _snapshot(downloaded)
+    unsafe = {"../escape/model.ckpt.index": b"i", "../escape/model.ckpt.data-00000-of-00001": b"d"}
+    mirror.files["/" + B0.file] = _tar(unsafe)
+    with pytest.raises(CheckpointError, match="unsafe path .*kept as it was"):
+        download(B0, downloaded, base_url=mirror.url, force=True, **FAST)
+    assert _snapshot(downloaded) == before  # no .part, no hidden folder, the old files unchanged
+
+
+def test_forced_download_replaces_tarball_record_and_checkpoint(downloaded, mirror):
+    new = _toy_checkpoint(200_000)
+    mirror.files["/" + B0.file] = new
+    got = download(B0, downloaded, base_url=mirror.url, force=True, **FAST)
+    assert got.fetched and got.archive.read_bytes() == new and got.sha256 == _sha(new)
+    assert json.loads((downloaded / (B0.file + ".sha256.json")).read_text())["sha256"] == _sha(new)
+    with tarfile.open(fileobj=io.BytesIO(new)) as tar:
+        data = tar.extractfile("efficientnet-b0/model.ckpt.data-00000-of-00001").read()
+    assert (got.checkpoint_dir / "model.ckpt.data-00000-of-00001").read_bytes() == data  # extracted anew
+    assert sorted(p.name for p in (downloaded / "ckpts").iterdir()) == [
+        "efficientnet-b0",
+        "efficientnet-b0.tar.gz",
+        "efficientnet-b0.tar.gz.sha256.json",
+    ]  # nothing half-done or set aside is left
+
+
+def test_get_model_after_a_forced_download_of_other_weights_is_not_stale(fixture_ckpt, tmp_path, monkeypatch):
+    """get_model's converted cache is keyed by the tarball's sha256: new weights fetched by --force are converted."""
+    import effconv
+    from tests.support.checkpoints import read_tensor, with_values
+
+    bias = "efficientnet-b0/head/dense/bias/ExponentialMovingAverage"  # the head's EMA bias: what the model uses
+    changed = with_values(fixture_ckpt, tmp_path / "changed", {bias: read_tensor(fixture_ckpt, bias) + 1.0})
+    files = ("model.ckpt.index", "model.ckpt.data-00000-of-00001")
+    tarballs = [_tar({f"efficientnet-b0/{f}": (c / f).read_bytes() for f in files}) for c in (fixture_ckpt, changed)]
+    monkeypatch.setenv("EFFCONV_CACHE", str(tmp_path / "cache"))
+    with serve({"/" + B0.file: tarballs[0]}) as m:
+        first = effconv.get_model(B0.name, base_url=m.url)
+        m.files["/" + B0.file] = tarballs[1]
+        assert run_cli("download", B0.name, "--base-url", m.url, "--force", "-q").exit_code == 0
+        second = effconv.get_model(B0.name, base_url=m.url)
+    delta = second.state_dict()["classifier.bias"] - first.state_dict()["classifier.bias"]
+    assert torch.allclose(delta, torch.ones_like(delta))  # the new weights, not the first conversion
+    assert second.card["source"]["archive"]["sha256"] == _sha(tarballs[1]) != _sha(tarballs[0])

@@ -115,3 +115,88 @@ def test_cli_eval_with_workers_writes_json(weights, images, predicted, tmp_path)
     assert data["preprocessing"]["image_size"] == 224 and data["weights"] == str(weights)
     result = run_cli("eval", "--weights", weights, "--data", root, "--limit", "2", "--out", tmp_path / "no/x.json")
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def _one_line_error(result, needle: str):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effconv: error: ") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("device,needle", [("cuda", "sees no cuda device"), ("foo", "'foo' is not a device")])
+def test_cli_eval_device_is_checked_first(weights, images, tmp_path, monkeypatch, device, needle):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a CPU-only torch, even on a GPU machine
+    result = run_cli("eval", "--weights", weights, "--data", images[0].parent, "--device", device)
+    _one_line_error(result, needle)
+
+
+def _with_a_bad_image(root, images, predicted):
+    _class_folders(root, images, predicted)
+    bad = root / WNIDS[predicted[0]] / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"not a jpeg at all" * 20)
+    return bad
+
+
+def test_a_bad_image_stops_eval_with_its_name(weights, images, predicted, tmp_path):
+    bad = _with_a_bad_image(tmp_path / "val", images, predicted)
+    args = ("eval", "--weights", weights, "--data", tmp_path / "val", "--workers", "2", "-q")
+    result = run_cli(*args, "--out", tmp_path / "r.json")
+    _one_line_error(result, f"cannot read image {bad}")
+    assert "BytesIO" not in result.stderr and "DataLoader worker" not in result.stderr and "--skip-bad" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_skip_bad_counts_and_lists_the_skipped(weights, images, predicted, tmp_path):
+    bad = _with_a_bad_image(tmp_path / "val", images, predicted)
+    out = tmp_path / "r.json"
+    result = run_cli("eval", "--weights", weights, "--data", tmp_path / "val", "--skip-bad", "--out", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable image" in result.stderr
+    data = json.loads(out.read_text())
+    assert (data["images"], data["top1"], data["skipped_count"]) == (8, 100.0, 1)
+    assert data["skipped"][0]["file"] == str(bad) and "cannot read image" in data["skipped"][0]["error"]
+
+
+def test_eval_refuses_to_overwrite_its_result(weights, images, predicted, tmp_path, monkeypatch):
+    root = _class_folders(tmp_path / "val", images, predicted)
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / f"{weights.stem}-eval.json"
+    default.write_text("precious")
+    result = run_cli("eval", "--weights", weights, "--data", root, "--limit", "1", "-q")
+    _one_line_error(result, "output exists")
+    assert default.read_text() == "precious"
+    forced = run_cli("eval", "--weights", weights, "--data", root, "--limit", "1", "-q", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(default.read_text())["images"] == 1
+
+
+def _ten_class_model(weights):
+    import torch
+
+    model = load(weights)
+    model.reset_classifier(10)
+    torch.nn.init.zeros_(model.classifier.weight)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.arange(10.0))  # every image is predicted as class 9
+    return model
+
+
+def test_a_small_head_takes_sorted_folder_labels_not_imagenet_ids(weights, images, tmp_path):
+    folders = sorted(WNIDS[i] for i in (812, 3, 500))  # Imagenette-style WordNet names
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes(images[0].read_bytes())
+    assert find_images(tmp_path, num_classes=10).labels == (0, 1, 2)
+    assert find_images(tmp_path, num_classes=1000).labels == tuple(sorted((812, 3, 500)))
+    result = evaluate(_ten_class_model(weights), tmp_path)  # no "label 812 does not exist"
+    assert result.images == 3 and result.top1 == 0.0
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("".join(f"{folder} 9\n" for folder in folders))
+    from effconv.zoo.evaluation import read_class_map
+
+    result = evaluate(_ten_class_model(weights), tmp_path, class_map=read_class_map(class_map))
+    assert result.top1 == 100.0
+    class_map.write_text(f"{folders[0]}\n")
+    with pytest.raises(UsageError, match="does not list the folder"):
+        find_images(tmp_path, class_map=read_class_map(class_map))

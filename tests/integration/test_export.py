@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -70,6 +73,8 @@ def test_parity_failure_exits_1_and_writes_nothing(weights, tmp_path, monkeypatc
 
 
 class _ProgramOnAFullDisk:
+    model = SimpleNamespace(metadata_props={})
+
     def save(self, path):
         path.write_bytes(b"half a model")
         raise OSError(28, "No space left on device")
@@ -103,3 +108,39 @@ def test_only_the_exporters_own_errors_are_a_failed_export(tmp_path, monkeypatch
     with pytest.raises(AttributeError, match="a bug"):
         export_module.export_model(model, tmp_path / "b0.onnx", 32, check=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_carries_the_card_and_export_shows_progress(weights, tmp_path):
+    out = tmp_path / "b0.onnx"
+    result = run_cli("export", "--weights", weights, "--onnx", out, "--input-size", "64")
+    assert result.exit_code == 0, result.output
+    steps = result.stderr.splitlines()
+    assert any("exporting efficientnet-b0 at 64 px with torch.export" in s for s in steps), result.stderr
+    assert any("checking with onnxruntime" in s for s in steps) and all(s.startswith("[") for s in steps)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert json.loads(meta["mean"]) == card["preprocessing"]["mean"] and meta["image_size"] == "64"
+    assert json.loads(meta["std"]) == card["preprocessing"]["std"] and meta["num_classes"] == "1000"
+    names = json.loads(meta["class_names"])
+    assert len(names) == 1000 and names[0].startswith("tench")
+    assert json.loads(meta["effconv.card"]) == card and meta["crop_padding"] == "32"
+    quiet = run_cli(
+        "export", "--weights", weights, "--onnx", tmp_path / "q.onnx", "--no-check", "-q", "--input-size", 8
+    )
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_the_status_line_ticks_on_a_terminal(monkeypatch, capsys):
+    import sys
+    import time
+
+    from effconv import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(cli._StatusLine, "TICK_SECONDS", 0.02)
+    status = cli._StatusLine(quiet=False)
+    status("exporting")
+    time.sleep(0.3)  # a step that takes a while: the line is redrawn meanwhile
+    status.close()
+    drawn = capsys.readouterr().err
+    assert drawn.count("exporting") >= 3 and drawn.endswith("\r\033[K")

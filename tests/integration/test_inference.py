@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -144,10 +145,73 @@ def test_get_model_downloads_converts_and_caches(fixture_ckpt, weights, tmp_path
         monkeypatch.setenv("EFFCONV_BASE_URL", mirror.url)
         model = effconv.get_model("tf_efficientnet_b0.in1k")
         assert len(mirror.requests) == 1
-    cached = tmp_path / "cache" / "models" / "efficientnet-b0_3rdparty_8xb32_in1k.pth"
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()  # the cache is keyed by the tarball's sha256
+    cached = tmp_path / "cache" / "models" / f"efficientnet-b0_3rdparty_8xb32_in1k.{digest[:16]}.pth"
     assert cached.is_file() and model.card["catalogue_name"] == "efficientnet-b0_3rdparty_8xb32_in1k"
+    assert model.card["source"]["archive"] == {"file": "ckpts/efficientnet-b0.tar.gz", "sha256": digest}
     assert not model.training and model.card["variant"] == "standard"
     reference = load(weights).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     again = effconv.get_model("efficientnet-b0_3rdparty_8xb32_in1k")  # the server is gone: from the cache
     assert again.card == model.card
+
+
+def test_inference_model_takes_a_list(weights, photos):
+    model = load(weights)
+    results = inference_model(model, [photos[0], photos[1].read_bytes(), pp.decode_image(photos[2])], batch_size=2)
+    assert isinstance(results, list) and len(results) == 3
+    for path, result in zip(photos[:3], results, strict=True):
+        single = inference_model(model, path)
+        assert result["pred_label"] == single["pred_label"] and result["pred_class"] == single["pred_class"]
+        assert np.allclose(result["pred_scores"], single["pred_scores"], atol=1e-6)  # probabilities: scale 1
+
+
+def test_cli_predict_goes_on_past_a_bad_file(weights, photos, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"garbage" * 50)
+    result = run_cli("predict", "--weights", weights, photos[0], bad, photos[1], "--top-k", "1")
+    assert result.exit_code == 2
+    assert result.stdout.splitlines()[0::2] == [str(photos[0]), str(photos[1])]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"effconv: error: cannot read image {bad}") and "BytesIO" not in line
+    data = json.loads(run_cli("predict", "--weights", weights, bad, photos[0], "--json").stdout)
+    assert "cannot read image" in data[0]["error"] and "top_k" not in data[0] and len(data[1]["top_k"]) == 5
+
+
+def test_cli_predict_takes_a_folder_a_device_and_class_names(weights, photos, tmp_path, monkeypatch):
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(1000)))
+    folder = photos[0].parent
+    result = run_cli("predict", "--weights", weights, folder, "--device", "cpu", "--class-names", names, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["image"] for r in data] == [str(p) for p in sorted(photos)]
+    assert all(g["class"] == f"thing {g['label']}" for r in data for g in r["top_k"])
+    names.write_text("cat\ndog\n")
+    short = run_cli("predict", "--weights", weights, folder, "--class-names", names)
+    assert short.exit_code == 2 and "names 2 classes, but the model has 1000" in short.stderr
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for device, needle in (("cuda", "sees no cuda device"), ("foo", "is not a device")):
+        bad = run_cli("predict", "--weights", weights, folder, "--device", device)
+        assert bad.exit_code == 2 and needle in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("predict", "--weights", weights, tmp_path / "empty")
+    assert empty.exit_code == 2 and "no images" in empty.stderr
+
+
+def test_get_model_takes_pretrained_num_classes_and_device(weights, photos, monkeypatch):
+    random_b0 = effconv.get_model("efficientnet-b0", pretrained=False, num_classes=7)
+    assert random_b0.arch == "b0" and random_b0.num_classes == 7 and not random_b0.training
+    assert effconv.get_model("tf_efficientnet_b3.ap_in1k", pretrained=False).arch == "b3"  # a catalogue name
+    from_path = effconv.get_model("b0", pretrained=weights, num_classes=10, device="cpu")
+    assert from_path.classifier.weight.shape == (10, 1280) and from_path.card.num_classes == 10
+    reference = load(weights).state_dict()
+    backbone = {k: v for k, v in from_path.state_dict().items() if not k.startswith("classifier.")}
+    assert all(torch.equal(v, reference[k]) for k, v in backbone.items())  # only the head is new
+    assert inference_model(from_path, photos[0])["pred_scores"].shape == (10,)
+    assert effconv.get_model(weights, pretrained=True).num_classes == 1000  # a file by its name, as before
+    with pytest.raises(UsageError, match="holds b0 weights, but b3 is b3"):
+        effconv.get_model("b3", pretrained=weights)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UsageError, match="sees no cuda device"):
+        effconv.get_model("b0", pretrained=False, device="cuda")

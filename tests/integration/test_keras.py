@@ -193,3 +193,57 @@ def test_inspect_understands_h5(keras_cases):
     report = json.loads(run_cli("inspect", "--src", keras_cases["b0"][0], "--json").output)
     assert report["format"] == "keras-h5" and report["model_variables"] == 311 and not report["missing"]
     assert report["unknown_variables"] == []
+
+
+# Issue 11 §1: `verify --src X.h5` runs Keras itself (tf-keras) as the reference, layer by layer.
+
+
+def _verify_report(tmp_path, *args) -> tuple[int, dict, str]:
+    report = tmp_path / "verify.json"
+    result = run_cli("verify", *args, "--batch", "1", "--per-layer", "--report", report)
+    return result.exit_code, json.loads(report.read_text()) if report.is_file() else {}, result.output
+
+
+@pytest.mark.parametrize("name", ["b0", "b0_notop", "b2_notop"])
+def test_verify_runs_keras_itself_as_the_reference(keras_cases, tmp_path, name):
+    path = keras_cases[name][0]
+    code, report, output = _verify_report(tmp_path, "--src", path)
+    assert code == 0, output
+    case = report["cases"][0]
+    names = [layer["name"] for layer in case["layers"]]
+    blocks = 16 if name.startswith("b0") else 23
+    assert names[:2] == ["stem", "block_0"] and f"block_{blocks - 1}" in names and "head_1x1" in names
+    assert ("logits" in names) == ("notop" not in name) and case["first_divergent"] is None
+    final = case["logits"]
+    print(
+        f"Keras {name} vs converted: {final['name']} max |diff| {final['max_abs']:.3g} (tol {final['tolerance']:.3g})"
+    )
+
+
+def test_verify_keras_source_against_a_converted_file_and_a_weights_only_file(keras_cases, tmp_path):
+    model_file = keras_cases["b0"][0]
+    converted = tmp_path / "b0.safetensors"
+    assert run_cli("convert", "--src", model_file, "--out", converted, "-q").exit_code == 0
+    code, report, output = _verify_report(tmp_path, "--src", model_file, "--weights", converted)
+    assert code == 0 and report["artifact"] == str(converted), output
+    weights_file = tmp_path / "efficientnetb0.h5"  # Keras 2 save_weights layout: no graph in the file
+    _as_keras2_weights_file(model_file, weights_file)
+    code, report, output = _verify_report(tmp_path, "--src", weights_file, "--weights", converted)
+    assert code == 0, output
+
+
+def test_verify_keras_source_finds_the_first_differing_block(keras_cases, tmp_path):
+    """A converted file whose block 3 (block3a) differs from the .h5 fails at block_3, not before."""
+    model_file = keras_cases["b0"][0]
+    changed = tmp_path / "changed.h5"
+    changed.write_bytes(model_file.read_bytes())
+    with h5py.File(changed, "r+") as f:
+        kernels = []
+        f.visititems(lambda n, obj: kernels.append(n) if "block3a_project_conv" in n and n.endswith("kernel") else None)
+        assert len(kernels) == 1, kernels
+        f[kernels[0]][...] = f[kernels[0]][()] * 1.05
+    converted = tmp_path / "changed.pth"
+    assert run_cli("convert", "--src", changed, "--out", converted, "-q").exit_code == 0
+    code, report, output = _verify_report(tmp_path, "--src", model_file, "--weights", converted)
+    assert code == 1, output
+    assert report["cases"][0]["first_divergent"] == "block_3"

@@ -30,6 +30,7 @@ TIMM_PYTHON = PROJECT_ROOT / ".venv-timm" / "bin" / "python"
 LIBRARY_SIDE = PROJECT_ROOT / "tests" / "support" / "library_side.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+FILE_LAYOUTS = [name for name in LAYOUT_NAMES if get_layout(name).folder is None]  # hf: test_hf_layout.py
 
 
 def _convert(src, out, *args) -> dict:
@@ -112,7 +113,7 @@ def _native(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tens
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("layout", FILE_LAYOUTS)
 def test_every_layout_format_and_dtype(fixture_ckpt, native_states, tmp_path, layout, dtype):
     cards, states = {}, {}
     for suffix in (".pth", ".safetensors"):
@@ -160,12 +161,36 @@ def test_half_precision_logits_against_float32(native_states, oracle, dtype):
     assert rounded <= 25 * scale and computed <= 50 * scale
 
 
-def test_effconv_load_refuses_other_layouts_naming_the_library(fixture_ckpt, tmp_path):
-    for layout in ("timm", "mmpretrain"):
-        out = tmp_path / f"{layout}.pth"
-        _convert(fixture_ckpt, out, "--layout", layout)
-        with pytest.raises(UsageError, match=f"holds the {layout} layout: load it with {layout}"):
-            load(out)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", ["native", "timm", "mmpretrain"])
+def test_effconv_load_takes_every_layout_format_and_dtype(fixture_ckpt, oracle, tmp_path, layout, dtype):
+    """Issue 11: the file a user ships (any layout, .pth or .safetensors, any dtype) loads in effconv, as float32."""
+    x = nchw(oracle["x"])
+    for suffix in (".pth", ".safetensors"):
+        out = tmp_path / suffix[1:] / f"b0{suffix}"
+        out.parent.mkdir()
+        _convert(fixture_ckpt, out, "--layout", layout, "--dtype", dtype)
+        model = load(out)
+        assert model.card.layout == layout and model.card.dtype == dtype
+        assert all(v.dtype in (torch.float32, torch.int64) for v in model.state_dict().values())
+        with torch.no_grad():
+            logits = model(x).numpy()
+        if dtype == "float32":
+            assert_close(logits, oracle["logits_ema"], what=f"{layout}{suffix}")
+        else:  # rounded weights, float32 compute: as test_half_precision_logits_against_float32 measures
+            assert max_abs(logits, oracle["logits_ema"]) <= 25 * UNIT_ROUNDOFF[dtype] * np.abs(logits).max()
+
+
+def test_effconv_load_reports_a_file_that_does_not_fit_its_layout(fixture_ckpt, tmp_path):
+    out = tmp_path / "b0.safetensors"
+    _convert(fixture_ckpt, out, "--layout", "timm")
+    card = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**card, "layout": "mmpretrain"}))  # timm names, mmpretrain card
+    with pytest.raises(UsageError, match="does not fit the b0 model"):
+        load(out)
+    out.with_suffix(".json").write_text(json.dumps({**card, "layout": "keras"}))
+    with pytest.raises(UsageError, match="unknown layout 'keras'"):
+        load(out)
 
 
 def test_layers_merge_every_stride_1_stage_after_the_first():
@@ -199,7 +224,10 @@ def test_mmpretrain_config_names():
     assert mmpretrain.card_section(advprop)["get_model"] == "efficientnet-b8_3rdparty_8xb32-aa-advprop_in1k"
     standard = mmpretrain.card_section(_card("b4", size=380))
     assert standard["config"] == "efficientnet-b4_8xb32_in1k" and "note" not in standard
-    assert standard["get_model"] == "efficientnet-b4_3rdparty_8xb32-aa_in1k"
+    assert standard["get_model"] == "efficientnet-b4_3rdparty_8xb32_in1k"  # the standard variant's own model
+    aa = mmpretrain.card_section(_card("b4", "aa", size=380))
+    assert aa["get_model"] == "efficientnet-b4_3rdparty_8xb32-aa_in1k"
+    assert mmpretrain.card_section(_card("b6", size=528))["get_model"] == "efficientnet-b6_3rdparty_8xb32-aa_in1k"
     assert standard["model"]["head"] == {"type": "LinearClsHead", "num_classes": 1000, "in_channels": 1792}
     assert mmpretrain.card_section(_card("l2", size=475))["config"] == "efficientnet-l2_8xb32_in1k-475px"
     assert mmpretrain.card_section(_card("l2", size=800))["config"] == "efficientnet-l2_8xb8_in1k-800px"
@@ -216,3 +244,137 @@ def test_usage_errors(fixture_ckpt, tmp_path):
     assert bad.exit_code == 2 and ".safetensors" in bad.stderr
     assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "--layout", "keras").exit_code == 2
     assert run_cli("convert", "--src", fixture_ckpt, "--out", out, "--dtype", "int8").exit_code == 2
+
+
+# Issue 11 §3: the cards' own lines, run in the real libraries. Every variant's timm card must give, through
+# `timm.data.resolve_model_data_config`, the card's mean/std, crop and input size; a 10-class file must keep its
+# head in timm and in mmpretrain. Files: the official-b0 fixture converted as each variant, and a synthetic 10-class
+# b0; archs and sizes no small file has (b3 AdvProp, b5 RandAugment, b8, l2 at 475 and 800) run the same line with
+# pretrained=False on the meta device (no weights: only the data config counts).
+CARD_VARIANTS = ("standard", "aa", "advprop", "noisystudent", "randaug")
+META_CARDS = {  # name -> (arch, variant, input size)
+    "b3-advprop": ("b3", "advprop", 300),
+    "b5-randaug": ("b5", "randaug", 456),
+    "b8-advprop": ("b8", "advprop", 672),
+    "l2-noisystudent-475": ("l2", "noisystudent", 475),
+    "l2-noisystudent-800": ("l2", "noisystudent", 800),
+}
+
+
+def _card_job(name: str, library: str, statements: str, weights, x_path) -> dict:
+    return {"name": name, "library": library, "statements": statements, "weights": weights, "input": x_path}
+
+
+def _meta_card(arch: str, variant: str, size: int) -> dict:
+    from effconv.variants import preprocessing
+
+    return {"arch": arch, "variant": variant, "image_size": size, "num_classes": 1000,
+            "preprocessing": preprocessing(variant, size, arch)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def card_run(tmp_path_factory, fixture_ckpt, oracle):
+    """The cards of timm and mmpretrain files, and what their own lines give in the real libraries."""
+    from effconv.parity.synth import write_synthetic_checkpoint
+
+    if not TIMM_PYTHON.is_file():
+        pytest.fail(f"{TIMM_PYTHON} missing: run scripts/bootstrap.sh (CI does) to create .venv-timm")
+    tmp = tmp_path_factory.mktemp("cards")
+    x_path = tmp / "x.npz"
+    np.savez(x_path, x=nchw(oracle["x"]).numpy())
+    cards, jobs = {}, []
+    for i, variant in enumerate(CARD_VARIANTS):
+        out = tmp / f"b0-{variant}.{'safetensors' if i % 2 else 'pth'}"  # both formats, as timm takes either
+        result = run_cli("convert", "--src", fixture_ckpt, "--out", out, "--layout", "timm", "--variant", variant, "-q")
+        assert result.exit_code == 0, result.output
+        cards[variant] = json.loads(out.with_suffix(".json").read_text())
+        jobs.append(_card_job(variant, "timm", f"model = {cards[variant]['timm']['create']}", str(out), str(x_path)))
+    for name, (arch, variant, size) in META_CARDS.items():
+        cards[name] = {**_meta_card(arch, variant, size), "timm": timm.card_section(_meta_card(arch, variant, size))}
+        line = cards[name]["timm"]["create"].replace("pretrained=True", "pretrained=False")
+        jobs.append(_card_job(name, "timm", f"model = {line}", None, None))
+    write_synthetic_checkpoint("b0", tmp / "ten", num_classes=10, seed=3)
+    for layout in ("timm", "mmpretrain"):
+        for suffix in (".pth", ".safetensors"):
+            out = tmp / f"ten-{layout}-{suffix[1:]}{suffix}"  # X.pth and X.safetensors would share X.json
+            result = run_cli("convert", "--src", tmp / "ten", "--out", out, "--layout", layout, "-q")
+            assert result.exit_code == 0, result.output
+            card = cards[f"ten-{layout}{suffix}"] = json.loads(out.with_suffix(".json").read_text())
+            section = card[layout]
+            line = section["create"] if layout == "timm" or suffix == ".pth" else section["create_safetensors"]
+            line = line if line.startswith("model = ") else f"model = {line}"
+            jobs.append(_card_job(f"ten-{layout}{suffix}", layout, line, str(out), str(x_path)))
+    (tmp / "jobs.json").write_text(json.dumps({"cards": jobs}))
+    proc = subprocess.run(
+        [str(TIMM_PYTHON), str(LIBRARY_SIDE), str(tmp / "jobs.json"), str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, f"library side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    print(proc.stdout)
+    with np.load(tmp / "card_logits.npz") as data:
+        logits = {k: data[k] for k in data.files}
+    configs = json.loads((tmp / "cards.json").read_text())
+    names = json.loads((tmp / "model_names.json").read_text())
+    return {"cards": cards, "configs": configs, "logits": logits, "names": names, "dir": tmp,
+            "output": proc.stdout + proc.stderr}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*CARD_VARIANTS, *META_CARDS])
+def test_timm_card_line_gives_the_cards_data_config(card_run, name):
+    card, config = card_run["cards"][name], card_run["configs"][name]
+    pre, size = card["preprocessing"], card["image_size"]
+    print(f"{name}: {card['timm']['pretrained_name']} -> {config}")
+    assert config["input_size"] == [3, size, size]
+    np.testing.assert_allclose(config["mean"], np.array(pre["mean"]) / 255, rtol=1e-6)
+    np.testing.assert_allclose(config["std"], np.array(pre["std"]) / 255, rtol=1e-6)
+    assert abs(config["crop_pct"] - size / (size + 32)) < 5e-4 and config["crop_mode"] == "center"
+    assert config["interpolation"] == "bicubic"
+
+
+def test_timm_card_line_names_the_variants_pretrained_tag(card_run):
+    sections = {name: card_run["cards"][name]["timm"] for name in (*CARD_VARIANTS, *META_CARDS)}
+    assert sections["advprop"]["pretrained_name"] == "tf_efficientnet_b0.ap_in1k"
+    assert sections["b3-advprop"]["create"].startswith(
+        "timm.create_model('tf_efficientnet_b3.ap_in1k', pretrained=True"
+    )
+    assert sections["l2-noisystudent-475"]["pretrained_name"] == "tf_efficientnet_l2.ns_jft_in1k_475"
+    assert sections["randaug"]["pretrained_name"] == "tf_efficientnet_b0"  # timm has no b0.ra_in1k
+    assert sections["b5-randaug"]["pretrained_name"] == "tf_efficientnet_b5.ra_in1k"
+    for tag, archs in timm.TAGGED_ARCHS.items():  # effconv's table of timm's tags is timm's own
+        for arch in spec.ARCH_NAMES:
+            name = f"tf_efficientnet_{arch}.{tag}"
+            assert (arch in archs) == (name in card_run["names"]["timm"]), name
+
+
+@pytest.mark.parametrize("variant", CARD_VARIANTS)
+def test_timm_card_line_loads_the_weights(card_run, fixture_ckpt, oracle, variant):
+    assert_close(card_run["logits"][variant], oracle["logits_ema"], what=variant)
+
+
+@pytest.mark.parametrize("library", ["timm", "mmpretrain"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_ten_class_card_line_keeps_the_head(card_run, oracle, library, suffix):
+    """get_model(name, pretrained=file) alone kept a random 1000-class head: the card's line must not."""
+    name = f"ten-{library}{suffix}"
+    ours = load(card_run["dir"] / f"ten-{library}-{suffix[1:]}{suffix}")
+    with torch.no_grad():
+        want = ours(nchw(oracle["x"])).numpy()
+    got = card_run["logits"][name]
+    assert got.shape == (len(oracle["x"]), 10)
+    diff, limit = assert_close(got, want, what=name)
+    print(f"{name}: the card's line in {library} vs effconv.models.load: max |diff| {diff:.3g} (limit {limit:.3g})")
+    assert "size mismatch" not in card_run["output"]
+
+
+def test_mmpretrain_card_names_exist_in_mmpretrain(card_run):
+    known = set(card_run["names"]["mmpretrain"])
+    for variant, (pattern, archs) in mmpretrain.VARIANT_MODELS.items():
+        for arch in spec.ARCH_NAMES:
+            assert (pattern.format(arch=arch) in known) == (arch in archs), (variant, arch)
+    section = card_run["cards"]["ten-mmpretrain.pth"]["mmpretrain"]
+    assert (
+        section["get_model"] == "efficientnet-b0_3rdparty_8xb32_in1k"
+        and "head=dict(num_classes=10)" in section["create"]
+    )

@@ -85,7 +85,7 @@ def test_broken_artifact_fails_and_names_the_block(fixture_ckpt, artifact, tmp_p
         "verify", "--src", fixture_ckpt, "--weights", broken, "--report", report, "--report", tmp_path / "r.xml"
     )
     assert result.exit_code == 1, result.output
-    assert f"first diverges at {block}" in result.stderr
+    assert result.stdout.splitlines()[-1].startswith("FAIL: ") and f"first diverges at {block}" in result.stdout
     data = json.loads(report.read_text())
     assert not data["passed"] and data["cases"][0]["first_divergent"] == block
     assert ET.parse(tmp_path / "r.xml").getroot().find("testsuite").get("failures") == "1"
@@ -127,3 +127,75 @@ def test_real_images_report_preprocessing_and_model_separately(fixture_ckpt, art
     assert cases["b0:coffee.jpg"]["preprocessing_max_abs"] <= 1e-3  # JPEG: decoded like TF's libjpeg (fast IDCT)
     # Relative to max |logit| as asked above (measured on an AMD EPYC: up to 2.2e-4 with oneDNN on, 7.5e-5 off).
     assert all(c["logits"]["max_rel"] <= 1e-3 and c["top1_agreement"] == 1.0 for c in cases.values())
+
+
+def _tensorflow_must_not_start(monkeypatch):
+    def too_late(*args, **kwargs):
+        raise AssertionError("an argument error must come before TensorFlow and the conversion")
+
+    monkeypatch.setattr("effconv.parity.quiet_tensorflow.import_tensorflow", too_late)
+    monkeypatch.setattr("effconv.parity.verify._torch_side", too_late)
+
+
+def test_weights_of_another_arch_are_named_before_tensorflow(fixture_ckpt, artifact, tmp_path, monkeypatch):
+    _tensorflow_must_not_start(monkeypatch)
+    b3 = tmp_path / "b3-ap.pth"
+    b3.write_bytes(artifact.read_bytes())
+    card = json.loads(artifact.with_suffix(".json").read_text())
+    b3.with_suffix(".json").write_text(json.dumps({**card, "arch": "b3", "variant": "advprop"}))
+    result = run_cli("verify", "--src", fixture_ckpt, "--weights", b3)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "holds efficientnet-b3 weights" in line and "is efficientnet-b0" in line and "--arch" not in line
+
+
+def _arguments_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "cat.jpg").write_bytes(b"\xff\xd8\xff" + b"not a jpeg" * 30)
+    return {
+        "empty": (["--images", tmp_path / "empty"], "no .jpg/.jpeg/.png files"),
+        "fake": (["--images", tmp_path / "fake"], f"cannot read image {tmp_path / 'fake' / 'cat.jpg'}"),
+        "suffix": (["--report", tmp_path / "x.html"], "the suffix must be one of"),
+        "folder": (["--report", tmp_path / "no" / "r.json"], "directory does not exist"),
+    }
+
+
+def test_arguments_are_checked_before_torch_and_tensorflow_load(fixture_ckpt, tmp_path):
+    """In a fresh process: each bad argument fails before torch (let alone TensorFlow) is imported."""
+    import subprocess
+    import sys
+
+    program = (
+        "import sys\nfrom effconv.cli import main\ntry:\n    main(sys.argv[1:], standalone_mode=False)\n"
+        "except SystemExit as e:\n    print('exit', e.code)\n"
+        "print('loaded', sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))\n"
+    )
+    for name, (args, needle) in _arguments_cases(tmp_path).items():
+        argv = ["verify", "--src", str(fixture_ckpt), *map(str, args)]
+        done = subprocess.run([sys.executable, "-c", program, *argv], capture_output=True, text=True, timeout=120)
+        assert done.stdout.splitlines() == ["exit 2", "loaded []"], (name, done.stdout, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("effconv: error: ") and needle in line and "BytesIO" not in line, (name, line)
+
+
+def _without_tf_log_settings() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+
+
+def test_quiet_verify_prints_the_verdict_on_stdout_and_no_tensorflow_noise(fixture_ckpt):
+    import subprocess
+    import sys
+
+    from effconv.parity.quiet_tensorflow import is_noise
+
+    args = ["verify", "--src", str(fixture_ckpt), "--input-size", "64", "--batch", "1", "-q"]
+    done = subprocess.run(
+        [sys.executable, "-m", "effconv.cli", *args], capture_output=True, text=True, env=_without_tf_log_settings()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["PASS: efficientnet-b0, 1 case(s) within tolerance"]
+    assert done.stderr == "", done.stderr
+    assert not any(is_noise(line) for line in done.stderr.splitlines())

@@ -43,6 +43,15 @@ def kill_while_writing(command: list[str], out: Path) -> tuple[Path, int]:
 
     Returns the temporary and the size it had reached; fails if the run ends first.
     """
+    _, temporary, size = signal_while_writing(command, out, signal.SIGKILL)
+    return temporary, size
+
+
+def signal_while_writing(command: list[str], out: Path, sig: int) -> tuple[subprocess.Popen, Path, int]:
+    """Start `command`, send it `sig` once its hidden temporary for `out` is growing, wait for it to end.
+
+    Returns the ended process (its stderr still to read), the temporary and the size it had reached.
+    """
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline, seen = time.monotonic() + 300, {}
     try:
@@ -51,9 +60,9 @@ def kill_while_writing(command: list[str], out: Path) -> tuple[Path, int]:
                 if entry.name.startswith(f".{out.name}.") and entry.name.endswith(".tmp"):
                     size = entry.stat().st_size
                     if 0 < seen.get(entry.name, size) < size:  # grown since the last look: mid-write
-                        os.kill(proc.pid, signal.SIGKILL)
-                        proc.wait()
-                        return out.parent / entry.name, size
+                        os.kill(proc.pid, sig)
+                        proc.wait(timeout=120)
+                        return proc, out.parent / entry.name, size
                     seen[entry.name] = size
             time.sleep(0.001)
         pytest.fail(f"the converter ended before it could be killed mid-write: {proc.stderr.read().decode()}")
@@ -112,3 +121,16 @@ def test_failed_forced_overwrite_keeps_the_old_files(fixture_ckpt, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"effconv: error: cannot write {out}"), result.stderr
     assert out.read_bytes() == b"precious weights" and card.read_text() == '{"precious": "card"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b0.json", "b0.pth"]  # no temporary left
+
+
+def test_sigterm_mid_write_is_handled_like_ctrl_c(b7_checkpoint, tmp_path):
+    """SIGTERM (what `kill`, systemd and container runtimes send) unwinds: exit 143, one line, nothing left."""
+    out = tmp_path / "b7.pth"
+    command = convert_command(b7_checkpoint, out, "--variant", "standard")
+    proc, temporary, size = signal_while_writing(command, out, signal.SIGTERM)
+    stderr = proc.stderr.read().decode()
+    assert 0 < size < B7_OUTPUT_BYTES  # it really was mid-write
+    assert proc.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effconv: error: terminated"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, and no hidden temporary either

@@ -1,16 +1,20 @@
 """Runs in .venv-timm (torch 2.14.1, torchvision, timm, mmpretrain), never in the main venv.
 
-Loads converted files into the REAL timm and mmpretrain models (strict) and runs them,
-and lists the real models' state-dict keys and shapes. Imports nothing from effconv:
+Loads converted files into the REAL timm, mmpretrain and transformers models (strict; transformers
+through `from_pretrained(folder)`, offline) and runs them, and lists the real models' state-dict keys
+and shapes. Imports nothing from effconv:
 this is the libraries' side of the comparison; tests/integration/test_layouts.py judges it.
 
     .venv-timm/bin/python tests/support/library_side.py JOBS.json OUT_DIR
 
 JOBS.json: {"input": "x.npz" (key "x", NCHW float32, already normalised),
-            "load": [{"name", "library": "timm"|"mmpretrain", "arch", "num_classes", "head_channels", "weights"}],
-            "keys": {"archs": [...], "libraries": [...], "head_channels": {arch: channels}}}
+            "load": [{"name", "library": "timm"|"mmpretrain"|"hf", "arch", "num_classes", "head_channels",
+                      "weights" (hf: the folder), optional "input": an x.npz of its own}],
+            "keys": {"archs": [...], "libraries": [...], "head_channels": {arch: channels},
+                     "hf_configs": {arch: config.json's object} (for "hf")}}
 Writes OUT_DIR/logits.npz (one array per load job) and OUT_DIR/keys.json
-({library: {arch: {key: shape}}}).
+({library: {arch: {key: shape}}}). "cards": [job of `run_card`] runs model cards' own create lines:
+OUT_DIR/cards.json (the data config each yields), OUT_DIR/card_logits.npz, OUT_DIR/model_names.json.
 """
 
 from __future__ import annotations
@@ -47,6 +51,25 @@ def build(library: str, arch: str, num_classes: int, head_channels: int, device:
         return build_classifier(cfg).eval()
 
 
+def build_hf(config: dict, device: str = "cpu") -> torch.nn.Module:
+    """A fresh `EfficientNetForImageClassification` of `config` (config.json's object)."""
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    with torch.device(device):
+        return EfficientNetForImageClassification(EfficientNetConfig.from_dict(config)).eval()
+
+
+def load_hf(folder: str) -> torch.nn.Module:
+    """How a transformers user loads the folder; any missing, unexpected or mismatched key fails."""
+    from transformers import EfficientNetForImageClassification
+
+    model, info = EfficientNetForImageClassification.from_pretrained(folder, output_loading_info=True)
+    problems = {k: sorted(v)[:5] if isinstance(v, set | list) else v for k, v in info.items() if v}
+    if problems:
+        raise SystemExit(f"{folder}: from_pretrained reported {problems}")
+    return model.eval()
+
+
 def load(model: torch.nn.Module, library: str, weights: str) -> None:
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -62,6 +85,8 @@ def load(model: torch.nn.Module, library: str, weights: str) -> None:
 
 def forward(model: torch.nn.Module, library: str, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
+        if library == "hf":
+            return model(x).logits.float().numpy()
         out = model(x) if library == "timm" else model(x, mode="tensor")
     if isinstance(out, tuple | list):  # mmpretrain without a head returns the neck's tuple
         out = out[-1]
@@ -82,6 +107,53 @@ def no_random_init():
             setattr(torch.nn.init, n, fn)
 
 
+def run_card(job: dict) -> tuple[dict, np.ndarray | None]:
+    """Run a model card's own `create` statements as a user would; the data config the library then resolves.
+
+    job: {"name", "library", "statements" (Python that sets `model`, with `weights` the file's path),
+    "weights" (None: no file; the statements then build on the meta device, only the config counts),
+    "input" (an .npz with "x", NCHW, to run the model on; optional)}.
+    """
+    import safetensors.torch
+    import timm
+    import timm.data
+    from mmpretrain import get_model
+
+    scope = {"timm": timm, "get_model": get_model, "safetensors": safetensors, "weights": job["weights"]}
+    with torch.device("cpu" if job["weights"] else "meta"):
+        exec(job["statements"], scope)  # the card's line, as the user pastes it
+    model = scope["model"].eval()
+    if job["library"] == "timm":
+        config = timm.data.resolve_model_data_config(model)
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+    else:
+        pre = model.data_preprocessor
+        config = {"mean": pre.mean.flatten().tolist(), "std": pre.std.flatten().tolist()}
+    logits = None
+    if job.get("input"):
+        with np.load(job["input"]) as data:
+            logits = forward(model, job["library"], torch.from_numpy(data["x"]))
+    return config, logits
+
+
+def run_cards(jobs: list[dict], out: Path) -> None:
+    """Every card job: OUT_DIR/cards.json ({name: data config}), OUT_DIR/card_logits.npz, and
+    OUT_DIR/model_names.json: the pretrained names each library has, for effconv's tables of them."""
+    configs, logits = {}, {}
+    for job in jobs:
+        configs[job["name"]], got = run_card(job)
+        if got is not None:
+            logits[job["name"]] = got
+        print(f"card {job['name']}: {configs[job['name']]}")
+    (out / "cards.json").write_text(json.dumps(configs))
+    np.savez(out / "card_logits.npz", **logits)
+    import mmpretrain
+    import timm
+
+    names = {"timm": timm.list_pretrained("tf_efficientnet_*"), "mmpretrain": mmpretrain.list_models("efficientnet*")}
+    (out / "model_names.json").write_text(json.dumps(names))
+
+
 def main(jobs_path: str, out_dir: str) -> None:
     jobs = json.loads(Path(jobs_path).read_text())
     out = Path(out_dir)
@@ -90,9 +162,16 @@ def main(jobs_path: str, out_dir: str) -> None:
         with np.load(jobs["input"]) as data:
             x = torch.from_numpy(data["x"])
         for job in jobs["load"]:
-            model = build(job["library"], job["arch"], job["num_classes"], job["head_channels"])
-            load(model, job["library"], job["weights"])
-            logits[job["name"]] = forward(model, job["library"], x)
+            if job["library"] == "hf":
+                model = load_hf(job["weights"])
+            else:
+                model = build(job["library"], job["arch"], job["num_classes"], job["head_channels"])
+                load(model, job["library"], job["weights"])
+            if "input" in job:
+                with np.load(job["input"]) as data:
+                    logits[job["name"]] = forward(model, job["library"], torch.from_numpy(data["x"]))
+            else:
+                logits[job["name"]] = forward(model, job["library"], x)
             print(
                 f"{job['name']}: loaded strict into {type(model).__name__}, output {tuple(logits[job['name']].shape)}"
             )
@@ -105,14 +184,21 @@ def main(jobs_path: str, out_dir: str) -> None:
             # tensors: random initialisation (seconds for l2) is skipped, only names and shapes count.
             channels = spec["head_channels"][arch]
             with no_random_init():
-                model = build(library, arch, 1000, channels, "meta" if library == "timm" else "cpu")
+                if library == "hf":
+                    model = build_hf(spec["hf_configs"][arch], "meta")
+                else:
+                    model = build(library, arch, 1000, channels, "meta" if library == "timm" else "cpu")
             keys.setdefault(library, {})[arch] = {k: list(v.shape) for k, v in model.state_dict().items()}
             del model
     (out / "keys.json").write_text(json.dumps(keys))
+    run_cards(jobs.get("cards") or [], out)
     import mmpretrain
     import timm
 
-    print(f"torch {torch.__version__}, timm {timm.__version__}, mmpretrain {mmpretrain.__version__}")
+    versions = f"torch {torch.__version__}, timm {timm.__version__}, mmpretrain {mmpretrain.__version__}"
+    if "transformers" in sys.modules:
+        versions += f", transformers {sys.modules['transformers'].__version__}"
+    print(versions)
 
 
 if __name__ == "__main__":

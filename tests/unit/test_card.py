@@ -131,6 +131,7 @@ def test_a_card_without_preprocessing_is_refused_where_it_is_needed():
         ({"preprocessing": {"image_size": 9, "mean": [0] * 3, "std": [1] * 3, "crop_padding": -1}}, "crop_padding'"),
         ({"source": ["x"]}, "has no valid 'source' (got ['x']); expected a JSON object"),
         ({"skipped": "none"}, "has no valid 'skipped' (got 'none')"),
+        ({"nonfinite": {"w": -1}}, "has no valid 'nonfinite' (got {'w': -1}); expected names -> counts"),
         ({"mixed_variables": [1]}, "has no valid 'mixed_variables' (got [1]); expected a list of strings"),
         ({"bn_eps": "0.001"}, "has no valid 'bn_eps' (got '0.001'); expected a number"),
         ({"parameters": 1.5}, "has no valid 'parameters' (got 1.5)"),
@@ -166,3 +167,11 @@ def test_the_dict_a_conversion_builds_is_a_card(fixture_ckpt, layout):
     assert json.dumps(card.to_json()) == json.dumps(dict(built))
     assert card.layout == layout and (card.layout_section is None) == (layout == "native")
     assert ModelCard.from_json(card) == card  # a card is a mapping of its JSON: it reads as one
+
+
+def test_the_nonfinite_record_is_a_field_and_round_trips():
+    """convert --allow-nonfinite records the tensors holding NaN or Inf it kept, and how many values each."""
+    card = ModelCard.from_json(_card() | {"nonfinite": {"a/kernel": 3}}, where=WHERE)
+    assert card.nonfinite == {"a/kernel": 3} and "nonfinite" not in card.extra
+    assert card.to_json()["nonfinite"] == {"a/kernel": 3}
+    assert ModelCard.from_json(_card(), where=WHERE).nonfinite is None

@@ -97,10 +97,21 @@ def test_lookup_by_name_and_alias():
 def test_cli_list_filters_and_json():
     result = run_cli("list", "--arch", "b7")
     assert result.exit_code == 0
-    lines = result.output.strip().splitlines()
+    lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["name", "alias", "variant"] and len(lines) == 1 + 4
     result = run_cli("list", "--variant", "advprop", "--json")
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert [r["arch"] for r in rows] == [f"b{i}" for i in range(9)]
     assert rows[0]["url"] == OFFICIAL_BASE + "advprop/efficientnet-b0.tar.gz" and rows[0]["mean"] == [127.5] * 3
-    assert json.loads(run_cli("list", "--arch", "b8", "--variant", "aa", "--json").output) == []
+    assert json.loads(run_cli("list", "--arch", "b8", "--variant", "aa", "--json").stdout) == []
+
+
+def test_list_says_why_the_sha256_is_null():
+    """No row pins a sha256 (no network where the catalogue was written): list says so rather than print null."""
+    assert all(e.sha256 is None for e in catalogue.entries())
+    result = run_cli("list", "--arch", "b0")
+    note = result.stderr.strip()
+    assert note.startswith("sha256: not pinned for any of these checkpoints") and "download` records" in note
+    assert "null" not in result.output and len(result.stdout.strip().splitlines()) == 1 + 4
+    rows = json.loads(run_cli("list", "--arch", "b0", "--json").stdout)
+    assert all(r["sha256"] is None and r["sha256_note"].startswith("not pinned") for r in rows)

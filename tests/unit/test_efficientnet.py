@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from effconv.errors import UsageError
 from effconv.models import create_model, spec
 from effconv.models.efficientnet import EfficientNet
 from effconv.models.same_padding import SameConv2d, same_padding
@@ -63,8 +64,51 @@ def test_headless_model_and_features():
     assert feats[-1].shape[-2:] == (4, 5)
     with torch.no_grad():
         assert model(x).shape == (1, 1280)
-        named = model.forward_features(x)
+        named = model.forward_stages(x)
     assert list(named) == ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["head"]
+
+
+def test_forward_features_is_the_final_map_as_in_timm():
+    torch.manual_seed(0)
+    model = create_model("b0", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert isinstance(features, torch.Tensor) and features.shape == (2, 1280, 2, 2)
+        assert torch.equal(features, model.extract_feat(x)[-1])
+        assert torch.equal(model.forward_head(features), model(x))
+        assert torch.equal(model.forward_head(features, pre_logits=True), features.mean((2, 3)))
+
+
+def test_extract_feat_takes_out_indices_as_mmpretrain():
+    torch.manual_seed(0)
+    model = create_model("b0", num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        every = model.extract_feat(x)
+        picked = model.extract_feat(x, out_indices=(6, 2, -1))  # outputs in layer order, as mmpretrain's
+        assert len(picked) == 3 and all(torch.equal(a, every[i]) for a, i in zip(picked, (2, 6, 8), strict=True))
+        assert [f.shape[1] for f in model.extract_feat(x, out_indices=(0,))] == [32]
+        assert torch.equal(model.extract_feat(x, out_indices=7)[0], every[7])
+    for bad in ((9,), (-10,), ()):
+        with pytest.raises(UsageError, match="out_indices"):
+            model.extract_feat(x, out_indices=bad)
+
+
+def test_reset_classifier():
+    torch.manual_seed(0)
+    model = create_model("b0", num_classes=1000)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert model.reset_classifier(10) is model and model.num_classes == 10
+        assert model.classifier.weight.shape == (10, 1280) and model(x).shape == (1, 10)
+        assert torch.equal(model.forward_features(x), features)  # the backbone is untouched
+        model.reset_classifier(0)
+        assert not hasattr(model, "classifier") and model(x).shape == (1, 1280)
+        model.double().reset_classifier(3)
+        assert model.classifier.weight.dtype == torch.float64 and model(x.double()).shape == (1, 3)
+    assert "classifier.weight" in model.state_dict()
 
 
 def test_endpoints_and_forward_agree():
