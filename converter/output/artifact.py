@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 from effconv.card import ModelCard
 from effconv.errors import OutputError, UsageError, one_line
+from effconv.output.writing import output_error
 
 # What torch.load(weights_only=True) and safetensors raise for a file that is not what it claims
 # (each was seen on mutated and truncated files: tests/robustness/test_untrusted_weights.py).
@@ -253,15 +254,11 @@ class ArtifactWriter:
         """
         try:
             yield
-        except OSError as e:  # our writers, the card, the renames
+        except BaseException as e:
             self.discard()
-            raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
-        except SafetensorError as e:  # save_file's I/O errors: "Error while serializing: I/O error: ..."
-            self.discard()
-            raise OutputError(f"cannot write {self.out}: {one_line(e)}") from e
-        except BaseException:
-            self.discard()
-            raise
+            if (failure := output_error(e, self.out)) is None:
+                raise
+            raise failure from e
 
     def __enter__(self) -> ArtifactWriter:
         return self

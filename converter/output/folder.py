@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from effconv.card import ModelCard
-from effconv.errors import OutputError, UsageError, one_line
+from effconv.errors import OutputError, UsageError
 from effconv.mappings.layouts import get_layout
 from effconv.mappings.tables import FolderLayout
 from effconv.output.artifact import (
@@ -33,6 +32,7 @@ from effconv.output.artifact import (
     _seal,
     card_path,
 )
+from effconv.output.writing import output_error
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -186,15 +186,11 @@ class FolderWriter:
         """Discard the artifact on any error; a failed write (a full disk) becomes one OutputError."""
         try:
             yield
-        except OSError as e:
+        except BaseException as e:
             self.discard()
-            raise OutputError(f"cannot write {self.out}: {e.strerror or e}") from e
-        except SafetensorError as e:
-            self.discard()
-            raise OutputError(f"cannot write {self.out}: {one_line(e)}") from e
-        except BaseException:
-            self.discard()
-            raise
+            if (failure := output_error(e, self.out)) is None:
+                raise
+            raise failure from e
 
     def __enter__(self) -> FolderWriter:
         return self

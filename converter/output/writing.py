@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from effconv.errors import OutputError
+from effconv.errors import OutputError, one_line
 
 
 @contextlib.contextmanager
@@ -36,3 +36,15 @@ def write_all(file: BinaryIO, data: bytes | memoryview, path: str | os.PathLike)
     with writing(path):
         while view:
             view = view[file.write(view) :]
+
+
+def output_error(error: BaseException, path: str | os.PathLike) -> OutputError | None:
+    """The OutputError naming `path` for a failed write (OSError, safetensors' own I/O error); None for
+    anything else (a card that is not JSON, a bug): that is no disk problem and is raised as it is."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, OSError):
+        return OutputError(f"cannot write {os.fspath(path)}: {error.strerror or error}")
+    if isinstance(error, SafetensorError):  # save_file's I/O errors: "Error while serializing: I/O error: ..."
+        return OutputError(f"cannot write {os.fspath(path)}: {one_line(error)}")
+    return None
