@@ -38,7 +38,9 @@ ARCH_HELP = f"{', '.join(ARCH_NAMES)} (or the official name, e.g. {next(iter(OFF
 
 
 def _short_arch(_ctx, _param, value: str | None) -> str | None:
-    return None if value is None else OFFICIAL_NAMES.get(value.lower(), value.lower())
+    if value is None:
+        return None
+    return next((short for name, short in OFFICIAL_NAMES.items() if name.lower() == value.lower()), value.lower())
 
 
 def _fail(message: str, code: int) -> None:

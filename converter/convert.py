@@ -131,9 +131,9 @@ def _resolve_variant(variant: str | None, origin: Path, warnings: list[str], ker
     if found:
         return found, "detected from the source path"
     warnings.append(
-        "variant not given and not evident from the source path: assuming 'standard' (ImageNet mean/std "
-        "input). AdvProp checkpoints need --variant advprop ([-1, 1] input); wrong preprocessing is the "
-        "commonest cause of lost accuracy"
+        "variant not given and not evident from the source path: assuming 'standard' (the family's usual "
+        "input normalisation, in the card). AdvProp checkpoints need --variant advprop ([-1, 1] input); wrong "
+        "preprocessing is the commonest cause of lost accuracy"
     )
     return "standard", "default"
 

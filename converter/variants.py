@@ -64,6 +64,9 @@ def preprocessing(variant: str, image_size: int, arch: str = "b0") -> dict:
     """The official evaluation preprocessing of `arch`'s family and `variant`, as recorded in the model card."""
     v = get_variant(variant)
     default = spec.family_of(arch).preprocessing
+    # The variants name the B family's releases; `standard` means each family's own normalisation
+    # (Lite and EdgeTPU: (x - 127) / 128), the others keep theirs whatever the family.
+    mean, std = (default.mean, default.std) if v.name == "standard" else (v.mean, v.std)
     return {
         "image_size": image_size,
         "crop": "center",
@@ -71,8 +74,8 @@ def preprocessing(variant: str, image_size: int, arch: str = "b0") -> dict:
         "crop_fraction": round(image_size / (image_size + default.crop_padding), 6),
         "interpolation": default.interpolation,
         "input_range": "RGB 0-255, float, not clipped",
-        "mean": list(v.mean),
-        "std": list(v.std),
+        "mean": list(mean),
+        "std": list(std),
         "channel_order": "RGB",
         "layout": "NCHW",
     }

@@ -12,6 +12,7 @@ TABLE = LayoutTable(
     blocks={
         "mbconv": tuple((m, m) for m in ("expand_conv", "expand_bn", *_BLOCK_MODULES)),
         "mbconv:no_expand": tuple((m, m) for m in _BLOCK_MODULES),
+        "edge_residual": tuple((m, m) for m in ("expand_conv", "expand_bn", "project_conv", "project_bn")),
     },
     head=(("head.conv", "head.conv"), ("head.bn", "head.bn")),
     classifier=(("classifier", "classifier"),),

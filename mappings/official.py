@@ -50,6 +50,14 @@ MBCONV_NO_EXPAND: tuple[Rule, ...] = (
     Rule("{bn}_1", "project_bn", "bn"),
 )
 
+# Edge residual (MBConvBlockWithoutDepthwise): the k x k expand conv, then the 1x1 project.
+EDGE_RESIDUAL: tuple[Rule, ...] = (
+    Rule("conv2d/kernel", "expand_conv.weight", "conv"),
+    Rule("{bn}", "expand_bn", "bn"),
+    Rule("conv2d_1/kernel", "project_conv.weight", "conv"),
+    Rule("{bn}_1", "project_bn", "bn"),
+)
+
 HEAD: tuple[Rule, ...] = (
     Rule("head/conv2d/kernel", "head.conv.weight", "conv"),
     Rule("head/{bn}", "head.bn", "bn"),
@@ -77,7 +85,7 @@ KNOWN_GLOBALS: tuple[str, ...] = ("global_step",)
 TABLE = SourceTable(
     name="official TF checkpoint",
     stem=STEM,
-    blocks={"mbconv": MBCONV, "mbconv:no_expand": MBCONV_NO_EXPAND},
+    blocks={"mbconv": MBCONV, "mbconv:no_expand": MBCONV_NO_EXPAND, "edge_residual": EDGE_RESIDUAL},
     head=HEAD,
     classifier=CLASSIFIER,
     block_scope=BLOCK_SCOPE + "/",

@@ -100,4 +100,38 @@ class MBConv(nn.Module):
         return [*convs, self.dw_conv, self.project_conv]
 
 
-BLOCKS: dict[str, type[nn.Module]] = {"mbconv": MBConv}
+class EdgeResidual(nn.Module):
+    """Edge residual (official `MBConvBlockWithoutDepthwise`): k x k full expand conv, BN, act -> 1x1 project, BN.
+
+    The expand conv reads the block's actual input and gives nominal input x expand channels; there is
+    no depthwise conv and no squeeze-excite. Only blocks with an expand step exist (EdgeTPU's expand 4, 8).
+    """
+
+    def __init__(self, block: BlockSpec):
+        super().__init__()
+        if not block.has_expand:
+            raise ValueError(f"block {block.index}: an edge residual block needs an expand ratio other than 1")
+        self.has_residual = block.has_residual
+
+        def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> PaddedConv:
+            return padded_conv(block.padding, cin, cout, kernel, stride, bias=False)
+
+        def bn(channels: int) -> nn.BatchNorm2d:
+            return batch_norm(channels, block.bn_eps, block.bn_momentum)
+
+        self.expand_conv = conv(block.in_channels, block.mid_channels, block.kernel, block.stride)
+        self.expand_bn = bn(block.mid_channels)
+        self.project_conv = conv(block.mid_channels, block.out_channels, 1)
+        self.project_bn = bn(block.out_channels)
+        self.act = activation(block.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.expand_bn(self.expand_conv(x)))
+        y = self.project_bn(self.project_conv(y))
+        return y + x if self.has_residual else y
+
+    def padded_convs(self) -> list[PaddedConv]:
+        return [self.expand_conv, self.project_conv]
+
+
+BLOCKS: dict[str, type[nn.Module]] = {"mbconv": MBConv, "edge_residual": EdgeResidual}

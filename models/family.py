@@ -24,6 +24,7 @@ class StageSpec:
     in_channels: int
     out_channels: int
     se_ratio: float | None = 0.25  # None: no squeeze-excite
+    residual: bool = True  # False: never an identity shortcut (the official "noskip")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ArchSpec:
     resolution: int
     dropout: float
     family: str = ""  # filled in by the registry
+    official: str = ""  # the size in the official name where it is not `name` ("edgetpu-S" for "edgetpu-s")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class BlockSpec:
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
     padding: str = "tf-same"
+    residual: bool = True  # False: no identity shortcut even where the shapes allow one
 
     @property
     def has_expand(self) -> bool:
@@ -112,7 +115,7 @@ class BlockSpec:
 
     @property
     def has_residual(self) -> bool:
-        return self.stride == 1 and self.in_channels == self.out_channels
+        return self.residual and self.stride == 1 and self.in_channels == self.out_channels
 
     @property
     def variant(self) -> str:
@@ -175,6 +178,7 @@ def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
                     bn_eps=family.bn_eps,
                     bn_momentum=family.bn_momentum,
                     padding=family.padding,
+                    residual=stage.residual,
                 )
             )
             block_in = cout

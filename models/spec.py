@@ -23,7 +23,10 @@ __all__ = ["ARCHS", "ARCH_NAMES", "FAMILIES", "ArchSpec", "BlockSpec", "Family",
 ARCHS: dict[str, ArchSpec] = {s.name: replace(s, family=f.name) for f in FAMILIES.values() for s in f.sizes}
 ARCH_NAMES: tuple[str, ...] = tuple(ARCHS)
 # The official name of every arch ("efficientnet-b5"), which users may type too.
-OFFICIAL_NAMES: dict[str, str] = {f"{FAMILIES[a.family].official_prefix}{a.name}": a.name for a in ARCHS.values()}
+# Spelled as the official scope is ("efficientnet-edgetpu-S"); looked up regardless of case.
+OFFICIAL_NAMES: dict[str, str] = {
+    f"{FAMILIES[a.family].official_prefix}{a.official or a.name}": a.name for a in ARCHS.values()
+}
 
 
 # For messages: what effconv knows, family by family.
@@ -34,7 +37,7 @@ def get_arch(name: str) -> ArchSpec:
     from effconv.errors import UsageError
 
     key = name.lower().replace("_", "-")
-    key = OFFICIAL_NAMES.get(key, key)
+    key = next((short for official, short in OFFICIAL_NAMES.items() if official.lower() == key), key)
     if key not in ARCHS:
         raise UsageError(f"unknown architecture {name!r}; choose one of {', '.join(ARCH_NAMES)}")
     return ARCHS[key]
@@ -46,7 +49,8 @@ def family_of(arch: str) -> Family:
 
 def official_name(arch: str) -> str:
     """The arch's official name, which is also the scope of its variables: `efficientnet-b5`."""
-    return f"{family_of(arch).official_prefix}{get_arch(arch).name}"
+    size = get_arch(arch)
+    return f"{family_of(arch).official_prefix}{size.official or size.name}"
 
 
 def stem_channels(arch: str) -> int:

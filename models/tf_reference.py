@@ -70,8 +70,20 @@ def _mbconv(net: ReferenceForward, x: tf.Tensor, b: BlockSpec, scope: str) -> tf
     return h
 
 
+def _edge_residual(net: ReferenceForward, x: tf.Tensor, b: BlockSpec, scope: str) -> tf.Tensor:
+    act = ACTIVATIONS[b.activation]
+    h = act(net.batch_norm(net.conv(x, f"{scope}.expand_conv", b.stride), f"{scope}.expand_bn"))
+    h = net.batch_norm(net.conv(h, f"{scope}.project_conv"), f"{scope}.project_bn")
+    if b.has_residual:
+        h = h + x
+    return h
+
+
 # Block kind -> its forward; each takes (network, input, block row, canonical scope "blocks.N").
-TF_BLOCKS: dict[str, Callable[[ReferenceForward, tf.Tensor, BlockSpec, str], tf.Tensor]] = {"mbconv": _mbconv}
+TF_BLOCKS: dict[str, Callable[[ReferenceForward, tf.Tensor, BlockSpec, str], tf.Tensor]] = {
+    "mbconv": _mbconv,
+    "edge_residual": _edge_residual,
+}
 
 
 class ReferenceForward:

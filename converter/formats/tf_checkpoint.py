@@ -62,9 +62,16 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...] 
 
 
 def _named_arch(prefix: str) -> str | None:
-    """The arch an official prefix names ("efficientnet-b3" -> "b3"), the longest official name it ends with."""
-    names = [n for n in spec.OFFICIAL_NAMES if prefix.endswith(n)]
+    """The arch an official prefix names ("efficientnet-b3" -> "b3"), the longest official name it ends with.
+
+    Regardless of case: the EdgeTPU scopes end in a capital letter ("efficientnet-edgetpu-S").
+    """
+    names = [n for n in spec.OFFICIAL_NAMES if prefix.lower().endswith(n.lower())]
     return spec.OFFICIAL_NAMES[max(names, key=len)] if names else None
+
+
+def _holds_every_variable(shapes: Mapping[str, tuple[int, ...]], arch: str, num_classes: int, prefix, bn) -> bool:
+    return all(_shape(shapes, m.source) is not None for m in engine.official_plan(arch, num_classes, prefix, bn))
 
 
 def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None) -> CheckpointLayout:
@@ -85,19 +92,22 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None
     named = _named_arch(prefix)
     if not fitting:
         raise CheckpointError(f"checkpoint '{prefix}' has {described}, which fits no {spec.KNOWN_MODELS}")
-    detected = named if named in fitting else fitting[0]
+    dense = _shape(shapes, f"{root}head/dense/kernel")
+    num_classes = dense[1] if dense and len(dense) == 2 else 0
+    # Sizes of two families can agree in blocks, stem and head (b0 and lite0): the names then tell.
+    complete = [a for a in fitting if _holds_every_variable(shapes, a, num_classes, prefix, bn)]
+    detected = named if named in fitting else (complete or fitting)[0]
     if named and named not in fitting:
         raise CheckpointError(f"checkpoint prefix says '{prefix}' but its shapes ({described}) are not {named}")
     if arch is not None:
         wanted = spec.get_arch(arch).name
         if wanted != detected:
             raise UsageError(f"--arch {wanted} given, but the checkpoint holds {detected} ('{prefix}', {described})")
-    dense = _shape(shapes, f"{root}head/dense/kernel")
     return CheckpointLayout(
         arch=detected,
         prefix=prefix,
         bn=bn,
-        num_classes=dense[1] if dense and len(dense) == 2 else 0,
+        num_classes=num_classes,
         num_blocks=num_blocks,
         stem_channels=stem[3],
         head_channels=head[3],

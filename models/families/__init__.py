@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from effconv.models.families import efficientnet
+from effconv.models.families import edgetpu, efficientnet, lite
 from effconv.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (efficientnet.FAMILY,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (efficientnet.FAMILY, lite.FAMILY, edgetpu.FAMILY)}

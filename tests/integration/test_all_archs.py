@@ -24,7 +24,7 @@ def test_official_names_convert_with_nothing_missing_or_unused(arch, tmp_path):
     rng = np.random.default_rng(len(arch))
     shapes = official_variable_shapes(arch, 1000)
     weights = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
-    ckpt = tmp_path / f"efficientnet-{arch}"
+    ckpt = tmp_path / spec.official_name(arch)
     try:
         write_checkpoint(weights, ckpt)
         result = convert_checkpoint(ckpt, variant="standard")
@@ -32,7 +32,7 @@ def test_official_names_convert_with_nothing_missing_or_unused(arch, tmp_path):
         assert result.card["mapped"] == len(shapes)  # zero missing
         assert result.card["parameters"] == PARAMETERS[arch]
         assert result.card["weights"] == "raw"
-        plan = {m.target: m for m in engine.official_plan(arch, 1000, f"efficientnet-{arch}")}
+        plan = {m.target: m for m in engine.official_plan(arch, 1000, spec.official_name(arch))}
         for target, tensor in result.state_dict.items():
             if target.endswith("num_batches_tracked"):
                 continue

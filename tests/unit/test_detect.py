@@ -56,3 +56,12 @@ def test_not_an_efficientnet():
         detect_layout({"resnet/conv1/kernel": (7, 7, 3, 64), "global_step": ()})
     with pytest.raises(CheckpointError, match="several networks"):
         detect_layout({**shapes_of("b0"), **shapes_of("b1")})
+
+
+def test_sizes_that_agree_in_shape_are_told_apart_by_their_names():
+    # b0 and lite0 have the same blocks, stem and head: without an official prefix the variables decide
+    # (lite0 has no squeeze-excite).
+    for arch in ("b0", "lite0"):
+        assert detect_layout(shapes_of(arch, prefix="model")).arch == arch
+    assert detect_layout(shapes_of("edgetpu-m", prefix="")).arch == "edgetpu-m"
+    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0"]

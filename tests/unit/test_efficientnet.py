@@ -21,6 +21,16 @@ PARAMETERS = {
     "b7": 66_347_960,
     "b8": 87_413_142,
     "l2": 480_309_308,
+    # The built models (tests/integration/test_families_official.py ties lite0 and edgetpu-s to the
+    # official fixtures' variables); the EdgeTPU releases have 1001 classes, this is with 1000.
+    "lite0": 4_652_008,
+    "lite1": 5_416_680,
+    "lite2": 6_092_072,
+    "lite3": 8_197_096,
+    "lite4": 13_006_568,
+    "edgetpu-s": 5_438_392,
+    "edgetpu-m": 6_899_496,
+    "edgetpu-l": 10_589_712,
 }
 
 

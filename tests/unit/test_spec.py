@@ -7,6 +7,9 @@ from effconv.models import spec
 
 # FACTS.md section 1.
 BLOCK_COUNTS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6": 45, "b7": 55, "b8": 61, "l2": 88}
+# Lite (first and last stage not depth-scaled) and EdgeTPU, from the official builders' tables.
+BLOCK_COUNTS |= {"lite0": 16, "lite1": 21, "lite2": 21, "lite3": 24, "lite4": 30}
+BLOCK_COUNTS |= {"edgetpu-s": 18, "edgetpu-m": 24, "edgetpu-l": 27}
 STEM_HEAD = {
     "b0": (32, 1280),
     "b2": (32, 1408),
@@ -63,15 +66,16 @@ def test_unknown_arch_is_a_usage_error():
     assert spec.get_arch("efficientnet-b3").name == "b3"
 
 
-def test_one_family_registered_with_the_b_family_figures():
+def test_the_b_family_keeps_its_figures():
     from effconv.models.families import FAMILIES
 
-    assert list(FAMILIES) == ["efficientnet"]
+    assert list(FAMILIES) == ["efficientnet", "lite", "edgetpu"]
     family = spec.family_of("b5")
-    assert [s.name for s in family.sizes] == list(spec.ARCH_NAMES)
+    b_archs = [s.name for s in family.sizes]
+    assert b_archs == list(spec.ARCH_NAMES)[: len(b_archs)]
     assert (family.activation, family.bn_eps, family.bn_momentum, family.padding) == ("swish", 1e-3, 0.01, "tf-same")
     assert not family.fix_stem_head and family.se_base == "block_in" and family.round_up_below == 0.9
-    for arch in spec.ARCH_NAMES:
+    for arch in b_archs:
         assert {b.kind for b in spec.blocks(arch)} == {"mbconv"}
         assert all(b.has_se and b.activation == "swish" for b in spec.blocks(arch))
         assert {b.variant for b in spec.blocks(arch)} == {"mbconv", "mbconv:no_expand"}
@@ -81,4 +85,9 @@ def test_official_names_resolve_to_the_short_ones():
     assert spec.get_arch("efficientnet-l2").name == "l2" and spec.get_arch("EfficientNet_B5").name == "b5"
     assert spec.official_name("b5") == "efficientnet-b5"
     assert spec.OFFICIAL_NAMES["efficientnet-b0"] == "b0" and len(spec.OFFICIAL_NAMES) == len(spec.ARCH_NAMES)
-    assert spec.archs_of_shape(16, 32, 1280) == ["b0"] and spec.archs_of_shape(23, 32, 1280) == ["b1"]
+    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0"] and spec.archs_of_shape(23, 32, 1280) == ["b1"]
+    # EdgeTPU's official names end in a capital letter; the short names are lower case
+    assert (
+        spec.official_name("edgetpu-m") == "efficientnet-edgetpu-M" and spec.get_arch("EDGETPU-M").name == "edgetpu-m"
+    )
+    assert spec.get_arch("efficientnet-edgetpu-m").name == "edgetpu-m"
