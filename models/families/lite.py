@@ -7,7 +7,10 @@ builder sets use_se=False), ReLU6, and stem, head and the first and last stage's
 
 from __future__ import annotations
 
-from effconv.models.family import ArchSpec, Family, Preprocessing, StageSpec
+from dataclasses import replace
+
+from effconv.models.families import efficientnet
+from effconv.models.family import ArchSpec, Family, Preprocessing
 
 # MEAN_RGB / STDDEV_RGB of the Lite and EdgeTPU builders ("inception-style", for quantization).
 EDGE_MEAN = (127.0, 127.0, 127.0)
@@ -16,15 +19,7 @@ EDGE_STD = (128.0, 128.0, 128.0)
 FAMILY = Family(
     name="lite",
     official_prefix="efficientnet-",
-    stages=(
-        StageSpec("mbconv", 1, 3, 1, 1, 32, 16, None),
-        StageSpec("mbconv", 2, 3, 2, 6, 16, 24, None),
-        StageSpec("mbconv", 2, 5, 2, 6, 24, 40, None),
-        StageSpec("mbconv", 3, 3, 2, 6, 40, 80, None),
-        StageSpec("mbconv", 3, 5, 1, 6, 80, 112, None),
-        StageSpec("mbconv", 4, 5, 2, 6, 112, 192, None),
-        StageSpec("mbconv", 1, 3, 1, 6, 192, 320, None),
-    ),
+    stages=tuple(replace(stage, se_ratio=None) for stage in efficientnet.FAMILY.stages),
     sizes=(
         ArchSpec("lite0", 1.0, 1.0, 224, 0.2),
         ArchSpec("lite1", 1.0, 1.1, 240, 0.2),
