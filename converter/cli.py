@@ -29,7 +29,9 @@ from effconv.variants import VARIANTS
 VARIANT_NAMES = tuple(VARIANTS)
 EMA_HELP = "auto: the EMA copies when the checkpoint has them (as the official evaluator), raw otherwise"
 SRC_HELP = "checkpoint directory, prefix (.../model.ckpt), .index file, or the .tar/.tar.gz as downloaded"
-KERAS_SRC_HELP = "; or a Keras applications EfficientNet .h5 (legacy HDF5 weights or model)"
+KERAS_SRC_HELP = (
+    "; or a Keras applications EfficientNet: legacy .h5, Keras 3 .keras or .weights.h5, or a SavedModel folder"
+)
 
 
 # Every arch by its short name (b5) or its official one (efficientnet-b5); the command sees the short one.
@@ -411,7 +413,8 @@ def verify(
     from effconv.parity.reports import check_report_paths, to_markdown, write_reports
 
     ema = _renamed("--ema", ema, "--weights-policy", old_ema)
-    report_paths = check_report_paths(reports)
+    kept = () if artifact is None else (artifact, os.path.splitext(artifact)[0] + ".json")
+    report_paths = check_report_paths(reports, keep=kept)
     if images is not None:
         arguments.image_files(images)
     if artifact is not None:
@@ -566,10 +569,18 @@ def predict(weights, images, top_k, device, class_names_file, as_json):
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="converted X.pth (card beside it)")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="class sub-folders, or flat + --labels")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), help="labels of a flat folder")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=min(4, os.cpu_count() or 1), show_default=True, type=click.IntRange(0))
+@click.option(
+    "--batch-size", default=32, show_default=True, type=click.IntRange(1), help="images per batch and process"
+)
+@click.option(
+    "--workers", type=click.IntRange(0), help="DataLoader workers per process (default: min(4, cores per process))"
+)
 @click.option("--limit", type=click.IntRange(1), help="evaluate only the first N images")
-@click.option("--device", help="torch device: cpu, cuda, cuda:1, mps (default: cuda when available)")
+@click.option(
+    "--device",
+    help="torch device: cpu, cuda (several processes: each its LOCAL_RANK's GPU), cuda:1, mps "
+    "(default: cuda when available)",
+)
 @click.option(
     "--class-map",
     "class_map_file",
@@ -577,61 +588,215 @@ def predict(weights, images, top_k, device, class_names_file, as_json):
     help="labels of the class folders: lines FOLDER [LABEL] (without LABEL: the line number, from 0)",
 )
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (counted and listed in the result)")
+@click.option(
+    "--predictions",
+    type=click.Path(dir_okay=False),
+    help="per-image results, FILE.jsonl or FILE.csv, written as the run goes; started again with the same "
+    "arguments, a run skips the images already in it",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    help="evaluate in N processes on this machine (torchrun's launcher; with --device cuda, one GPU each)",
+)
+@click.option(
+    "--amp",
+    type=click.Choice(["bf16", "fp16"]),
+    help="autocast to bfloat16/float16: faster on GPUs, not the exact path (the result says so)",
+)
+@click.option(
+    "--against-tf",
+    is_flag=True,
+    help="also run every image through TensorFlow (its own preprocessing ops, effconv's TF reference model from "
+    "the source checkpoint) and report the agreement; one process, needs TensorFlow",
+)
+@click.option(
+    "--src",
+    metavar="CHECKPOINT",
+    help="with --against-tf: the checkpoint the weights were converted from (default: the path their card records)",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON result (default: <weights stem>-eval.json here)")
 @click.option("--force", is_flag=True, help="overwrite an existing result file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 @handles_errors
 def eval_command(
-    weights, data, labels_file, batch_size, workers, limit, device, class_map_file, skip_bad, out, force, quiet
+    weights,
+    data,
+    labels_file,
+    batch_size,
+    workers,
+    limit,
+    device,
+    class_map_file,
+    skip_bad,
+    predictions,
+    nproc,
+    amp,
+    against_tf,
+    src,
+    out,
+    force,
+    quiet,
 ):
     """Top-1/top-5 accuracy with the official preprocessing; writes a JSON result.
 
     Class folders named by WordNet ids are ImageNet classes for a 1000/1001-class model; for any other head the
     sorted folder names are the labels 0, 1, ... (or --class-map). An unreadable image stops the run with an
     error naming it (exit 2) unless --skip-bad.
+
+    Several processes: --nproc N on this machine, or torchrun (`torchrun --nproc-per-node N -m effconv eval
+    ...`; across machines with torchrun's --nnodes and --rdzv-endpoint). The sorted images are shared out by
+    rank; rank 0 gathers the results and alone writes the result and --predictions.
+
+    --against-tf (one process): the same images also through TensorFlow's preprocessing ops and effconv's TF
+    reference model built from the source checkpoint (--src, or the path the card records), with the copies
+    (EMA or raw) the card records. The result adds the top-1 agreement, the largest and 99.9th-percentile
+    |logit difference| and the images whose top-1 differ. Exit code 1 when an image's logits differ beyond
+    verify's tolerance.
     """
     from pathlib import Path
 
+    from effconv.zoo import distributed
+
+    launched = distributed.launched_ranks()
+    if nproc is not None and launched is not None:
+        raise UsageError("--nproc starts its own processes: under torchrun leave it out (--nproc-per-node says it)")
+    if against_tf:
+        src = _against_tf_source(weights, src, nproc, launched, amp)
+    elif src is not None:
+        raise UsageError("--src names the checkpoint --against-tf reads; without --against-tf leave it out")
     out = Path(out or f"{Path(weights).stem}-eval.json")
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory does not exist: {out.parent}")
-    if out.exists() and not force:
-        raise UsageError(f"output exists: {out} (use --force to overwrite, or --out)")
+    if launched is None or launched.is_main:  # only rank 0 writes
+        if not out.parent.is_dir():
+            raise UsageError(f"output directory does not exist: {out.parent}")
+        if out.exists() and not force:
+            raise UsageError(f"output exists: {out} (use --force to overwrite, or --out)")
+    from effconv.zoo.devices import resolve_device
+
+    resolved = resolve_device(device)  # before the model is read
+    if nproc is not None and nproc > 1:
+        _check_devices_for(nproc, resolved)
+        values = dict(labels=labels_file, workers=workers, limit=limit, device=device, predictions=predictions)
+        values.update({"class-map": class_map_file, "amp": amp, "out": out})
+        flags = {"--skip-bad": skip_bad, "--force": force, "-q": quiet}
+        options = [x for name, value in values.items() if value is not None for x in (f"--{name}", str(value))]
+        argv = ["eval", "--weights", weights, "--data", data, "--batch-size", str(batch_size), *options]
+        code = distributed.launch_here(nproc, [*argv, *(flag for flag, on in flags.items() if on)])
+        if code:
+            sys.exit(code)
+        return
+    with distributed.process_group(resolved) as (resolved, ranks):
+        try:
+            _evaluate_and_write(
+                weights,
+                data,
+                out,
+                ranks,
+                quiet,
+                labels_file=labels_file,
+                batch_size=batch_size,
+                workers=workers,
+                limit=limit,
+                device=resolved,
+                skip_bad=skip_bad,
+                class_map_file=class_map_file,
+                predictions=predictions,
+                amp=amp,
+                against_tf_src=src if against_tf else None,
+            )
+        except EffconvError as e:
+            if not ranks.distributed:
+                raise
+            if getattr(e, "on_every_rank", False):  # every process stops alike: rank 0 says why, once
+                if ranks.is_main:
+                    click.echo(f"effconv: error: {one_line(str(e))}", err=True)
+                    # the launcher stops the others' remains with SIGTERM: no second line for that
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                with contextlib.suppress(EffconvError):
+                    distributed.barrier()  # no process leaves (and gets the others stopped) before that line
+                sys.exit(e.exit_code)
+            if isinstance(e, distributed.DistributedError):
+                raise
+            raise type(e)(f"rank {ranks.rank}: {e}") from e
+
+
+def _check_devices_for(nproc: int, device) -> None:
+    """--nproc N: gloo on CPU, one GPU per process on CUDA."""
+    import torch
+
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(f"--nproc {nproc} with --device {device}: give --device cuda (one GPU per process)")
+        if nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {nproc} with --device cuda: this machine has {torch.cuda.device_count()} GPUs")
+    elif device.type != "cpu":
+        raise UsageError(f"--nproc with --device {device}: several processes run on cpu (gloo) or cuda (nccl)")
+
+
+def _against_tf_source(weights, src, nproc, launched, amp) -> str:
+    """--against-tf's checkpoint, every argument of it checked before TensorFlow and the model are loaded."""
+    from effconv.zoo.against_tf import check_runnable, source_for
+
+    check_runnable(nproc or (launched.world_size if launched is not None else 1), amp)
+    src = source_for(weights, src)
+    from effconv.parity.quiet_tensorflow import import_tensorflow
+
+    try:
+        import_tensorflow()
+    except ImportError as e:
+        raise UsageError(f"effconv eval --against-tf needs TensorFlow ({e}); pip install 'effconv[tf]'") from e
+    return src
+
+
+def _evaluate_and_write(
+    weights, data, out, ranks, quiet, *, workers, class_map_file, against_tf_src=None, **options
+) -> None:
     from tqdm import tqdm
 
     from effconv.output.loading import load
-    from effconv.output.writing import writing
-    from effconv.zoo.devices import resolve_device
     from effconv.zoo.evaluation import evaluate, read_class_map
+    from effconv.zoo.predictions import write_replacing
 
-    device = resolve_device(device)  # before the model is read
     class_map = read_class_map(class_map_file) if class_map_file else None
-    bar = tqdm(total=0, unit="img", desc="eval", leave=False, disable=True if quiet else None)
+    if workers is None:
+        workers = min(4, max(1, (os.cpu_count() or 1) // ranks.local_world_size))
+    model = load(weights)
+    against = None
+    if against_tf_src is not None:
+        from effconv.zoo.against_tf import AgainstTF, build_reference
+        from effconv.zoo.inference import card_preprocessing
+
+        status = _StatusLine(quiet)
+        try:
+            reference = build_reference(against_tf_src, model.card, say=status)
+        finally:
+            status.close()
+        against = AgainstTF(reference, card_preprocessing(model), model.card.dtype)
+    bar = None
 
     def update(done: int, total: int) -> None:
-        bar.total = total
+        nonlocal bar
+        if bar is None:  # from the images a resumed run found done: its rate and ETA count this run's only
+            bar = tqdm(total=total, initial=done, unit="img", desc="eval", leave=False, disable=True if quiet else None)
         bar.update(done - bar.n)
 
     try:
         result = evaluate(
-            load(weights),
-            data,
-            labels_file=labels_file,
-            batch_size=batch_size,
-            workers=workers,
-            limit=limit,
-            device=device,
-            progress=update,
-            skip_bad=skip_bad,
-            class_map=class_map,
+            model, data, workers=workers, progress=update, class_map=class_map, against_tf=against, **options
         )
     finally:
-        bar.close()
-    with writing(out):
-        out.write_text(json.dumps({"weights": weights, **result.to_dict()}, indent=2) + "\n")
+        if bar is not None:
+            bar.close()
+    if not ranks.is_main:
+        return
+    write_replacing(out, [(json.dumps({"weights": weights, **result.to_dict()}, indent=2) + "\n").encode()])
+    device = result.details["device"]
+    where = f"{ranks.world_size} processes on {device.split(':')[0]}" if ranks.distributed else device
+    speed = f"{result.images_per_second:.1f} images/s, {where}"
+    if result.details["resumed"]:
+        speed = f"{result.details['resumed']} from the predictions file, {result.details['evaluated']} at {speed}"
     click.echo(
-        f"top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  on {result.images} images "
-        f"({result.images_per_second:.1f} images/s on {device}); wrote {out}"
+        f"top-1 {result.top1:.2f} %  top-5 {result.top5:.2f} %  on {result.images} images ({speed}); wrote {out}"
     )
     if result.details["skipped_count"]:
         click.secho(
@@ -639,6 +804,21 @@ def eval_command(
             err=True,
             fg="yellow",
         )
+    if against is not None:
+        _report_against_tf(result.details["against_tf"], out)
+
+
+def _report_against_tf(figures: dict, out) -> None:
+    from effconv.zoo.against_tf import summary_lines
+
+    for line in summary_lines(figures):
+        click.echo(line)
+    for note in figures["notes"]:
+        click.secho(f"effconv: note: {note}", err=True, fg="yellow")
+    if not figures["passed"]:
+        beyond = figures["beyond_tolerance_count"]
+        click.echo(f"FAIL: {beyond} image(s) with logits beyond the tolerance ({figures['tolerance']}); see {out}")
+        sys.exit(1)
 
 
 @main.command()
@@ -660,7 +840,7 @@ def export(weights, onnx_path, input_size, atol, no_check, opset, force, quiet):
     under effconv.card). Checked with onnxruntime against PyTorch unless --no-check; exit code 1 if they differ
     beyond --atol.
     """
-    from effconv.output.export import export_onnx
+    from effconv.output.export import RTOL, export_onnx
 
     status = _StatusLine(quiet)
     try:
@@ -674,7 +854,10 @@ def export(weights, onnx_path, input_size, atol, no_check, opset, force, quiet):
     if len(result.files) > 1:
         click.echo("  with external tensor data: " + ", ".join(str(f) for f in result.files[1:]))
     if result.max_abs_diff is not None:
-        click.echo(f"  onnxruntime vs PyTorch: max |diff| {result.max_abs_diff:.3g} (tolerance {atol:g})")
+        click.echo(
+            f"  onnxruntime vs PyTorch: max |diff| {result.max_abs_diff:.3g} "
+            f"(tolerance {result.limit:.3g}: {atol:g} + {RTOL:g} x max|output|)"
+        )
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ class _Scratch:
         return reader.read(key, out=self.raw)
 
     def transform(self, transform: str, array: np.ndarray) -> np.ndarray:
-        if transforms.PERMUTATIONS[transform] is None:
+        if transforms.is_copy(transform):
             return array
         out = self.moved[: array.nbytes].view(array.dtype).reshape(transforms.target_shape(transform, array.shape))
         return transforms.apply(transform, array, out=out)

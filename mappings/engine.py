@@ -7,8 +7,9 @@ with a reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from effconv.errors import MappingError
 from effconv.mappings import official, transforms
@@ -57,6 +58,9 @@ def block_fields(arch: str) -> list[dict[str, int | str]]:
                 "letter": chr(ord("a") + pos),
                 "layer": layer,
                 "layer_pos": layer_pos,
+                "kernel": block.kernel,
+                "mid": block.mid_channels,
+                "out": block.out_channels,
             }
         )
     return fields
@@ -68,21 +72,91 @@ def global_fields(arch: str) -> dict[str, int]:
 
 
 def _expand_rules(
-    table: SourceTable, rules: Sequence[Rule], scope: str, target: str, names, parts: frozenset[str] = frozenset()
+    table: SourceTable,
+    rules: Sequence[Rule],
+    scope: str,
+    target: str,
+    names,
+    parts: frozenset[str] = frozenset(),
+    root: str = "",
 ) -> list[TensorMapping]:
     out = []
     for rule in rules:
         if rule.part is not None and rule.part not in parts:
             continue
-        src = f"{scope}{rule.source.format(**names)}"
+        source = rule.source.format(**names)
+        src = f"{root}{source[2:]}" if source.startswith("~/") else f"{scope}{source}"
         dst = f"{target}{rule.target}"
         if rule.transform == "bn":
             out.extend(
                 TensorMapping(f"{src}{table.separator}{field}", f"{dst}.{pt}", "copy") for field, pt in table.bn_fields
             )
         else:
-            out.append(TensorMapping(src, dst, rule.transform))
+            out.append(TensorMapping(src, dst, rule.transform.format(**names)))
     return out
+
+
+_NUMBERED = re.compile(r"<([A-Za-z0-9_]+)#(\d+)>")
+
+
+def _layer_number(name: str) -> int:
+    """The model-wide number Keras gave a layer name: `cond_conv2d` 0, `cond_conv2d_7` 7."""
+    tail = name.rpartition("_")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def number_layers(
+    plan: Sequence[TensorMapping], table: SourceTable, root: str, names: Collection[str] | None = None
+) -> tuple[TensorMapping, ...]:
+    """`plan` with every `<layer#j>` token (the block's j-th layer of that name) replaced by a real name.
+
+    Without `names`, as the official code numbers them model-wide (for checkpoints written here); with
+    `names` (a checkpoint's variable names), the block's layers of that name found there, in number order,
+    wherever they sit between the network's scope and the block's.
+    """
+    if not any(_NUMBERED.search(m.source) for m in plan):
+        return tuple(plan)
+    blocks_before: dict[str, int] = {}  # layer name -> earlier blocks that have it
+    found: dict[str, list[str]] = {}  # this block's layers of each name: their full scopes, in number order
+    current, out = None, []
+    for m in plan:
+        block = m.target.split(".")[1] if m.target.startswith("blocks.") else None
+        if block != current:
+            for layer in found:
+                blocks_before[layer] = blocks_before.get(layer, 0) + 1
+            current, found = block, {}
+        token = _NUMBERED.search(m.source)
+        if token is None:
+            out.append(m)
+            continue
+        layer, j = token.group(1), int(token.group(2))
+        before, after = m.source[: token.start()], m.source[token.end() :]
+        if layer not in found:
+            found[layer] = _layer_scopes(table, layer, before, after, root, names, blocks_before.get(layer, 0))
+        scopes = found[layer]
+        if j >= len(scopes):
+            raise MappingError(
+                f"checkpoint lacks {layer} layers under {before.rstrip('/')}: rows name {j + 1} "
+                f"(lowest-numbered first), {len(scopes)} found"
+            )
+        out.append(replace(m, source=scopes[j] + after))
+    return tuple(out)
+
+
+def _layer_scopes(
+    table: SourceTable, layer: str, before: str, after: str, root: str, names: Collection[str] | None, earlier: int
+) -> list[str]:
+    """The full scopes of one block's `layer` layers, lowest number first."""
+    if names is None:
+        constructed, first = table.numbered_layers[layer]
+        numbers = range(earlier * constructed + first, (earlier + 1) * constructed)
+        return [f"{before}{layer}_{n}" if n else f"{before}{layer}" for n in numbers]
+    block_scope = before.rstrip("/").rpartition("/")[2]  # "blocks_8"
+    pattern = re.compile(
+        f"^({re.escape(root)}(?:.*/)?{re.escape(block_scope)}/{re.escape(layer)}(?:_\\d+)?){re.escape(after)}$"
+    )
+    scopes = {match.group(1) for n in names if (match := pattern.match(n))}
+    return sorted(scopes, key=_layer_number)
 
 
 def block_rows(table: SourceTable | LayoutTable, block: spec.BlockSpec) -> tuple:
@@ -106,7 +180,8 @@ def source_plan(
     for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
         scope = root + table.block_scope.format(**fields)
         target = official.BLOCK_TARGET.format(index=block.index) + "."
-        plan += _expand_rules(table, block_rows(table, block), scope, target, names, block.parts)
+        fields_and_names = {**fields, **names}
+        plan += _expand_rules(table, block_rows(table, block), scope, target, fields_and_names, block.parts, root)
     plan += _expand_rules(table, table.head, root, "", names)
     if num_classes:
         plan += _expand_rules(table, table.classifier, root, "", names)
@@ -117,10 +192,36 @@ def source_plan(
 
 
 def official_plan(
-    arch: str, num_classes: int, prefix: str, bn: str = "tpu_batch_normalization"
+    arch: str,
+    num_classes: int,
+    prefix: str,
+    bn: str = "tpu_batch_normalization",
+    names: Collection[str] | None = None,
 ) -> tuple[TensorMapping, ...]:
-    """Every tensor of the native model of `arch`, with its official source name."""
-    return source_plan(official.TABLE, arch, num_classes, f"{prefix}/" if prefix else "", bn=bn)
+    """Every tensor of the native model of `arch`, with its official source name.
+
+    Layers the official code numbers model-wide (CondConv's) are named as found among `names` (a
+    checkpoint's base variable names) when given, else as the official code names them.
+    """
+    root = f"{prefix}/" if prefix else ""
+    plan = number_layers(source_plan(official.TABLE, arch, num_classes, root, bn=bn), official.TABLE, root, names)
+    return plan if names is None else take_aliases(plan, official.TABLE, root, names)
+
+
+def take_aliases(
+    plan: Sequence[TensorMapping], table: SourceTable, root: str, names: Collection[str]
+) -> tuple[TensorMapping, ...]:
+    """`plan` with each source missing from `names` renamed by the table's scope aliases where that name is there."""
+    out = []
+    for m in plan:
+        if m.source not in names:
+            for scope, alias in table.aliases:
+                other = m.source.replace(root + scope, root + alias, 1)
+                if other != m.source and other in names:
+                    m = replace(m, source=other)
+                    break
+        out.append(m)
+    return tuple(out)
 
 
 def layout_names(table: LayoutTable, arch: str, num_classes: int) -> dict[str, str]:
@@ -131,10 +232,13 @@ def layout_names(table: LayoutTable, arch: str, num_classes: int) -> dict[str, s
     from effconv.models.efficientnet import model_tensor_shapes
 
     modules: dict[str, str] = {}
-    tops = global_fields(arch)
+    tops, scopes = global_fields(arch), block_fields(arch)
+    if spec.family_of(arch).name in table.layers_by_stage:
+        scopes = [{**f, "layer": f["stage_number"], "layer_pos": f["pos"]} for f in scopes]
+        tops = {**tops, "head_layer": scopes[-1]["stage_number"] + 1}
     for canonical, renamed in (*table.stem, *table.head, *table.classifier):
         modules[canonical] = renamed.format(**tops)
-    for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
+    for block, fields in zip(spec.blocks(arch), scopes, strict=True):
         rows = block_rows(table, block)
         source_scope = official.BLOCK_TARGET.format(index=block.index) + "."
         target_scope = table.block_scope.format(**fields)

@@ -73,13 +73,30 @@ def _not_expressible(arch: str, image_size: int) -> list[str]:
     return why
 
 
+def _layouts_that_hold(arch: str, image_size: int) -> str:
+    """The other layouts that hold `arch` at `image_size`, for the refusal: "native, timm or mmpretrain"."""
+    from effconv.mappings.layouts import LAYOUT_CHECKS  # that registry imports this module
+
+    holding = ["native"]
+    for name, check in LAYOUT_CHECKS.items():
+        if name == "hf":
+            continue
+        try:
+            check(arch, image_size)
+        except UsageError:
+            continue
+        holding.append(name)
+    return " or ".join(filter(None, (", ".join(holding[:-1]), holding[-1])))
+
+
 def check_expressible(arch: str, image_size: int) -> None:
     """Refuse, before any tensor is read, an arch or input size transformers' EfficientNet cannot express."""
     why = _not_expressible(arch, image_size)
     if why:
         raise UsageError(
-            f"--layout hf cannot hold {spec.official_name(arch)} at {image_size}px: transformers' "
-            f"EfficientNet differs in {'; '.join(why)}; use --layout native or timm"
+            f"--layout hf cannot hold {spec.official_name(arch)} at {image_size}px (family "
+            f"{spec.family_of(arch).name!r}): transformers' EfficientNet differs in {'; '.join(why)}; "
+            f"use --layout {_layouts_that_hold(arch, image_size)}"
         )
 
 

@@ -19,8 +19,11 @@ CARD_SECTIONS: dict[str, Callable[[dict], dict]] = {
 }
 
 # Layout -> its check of (arch, input size), run before any tensor is read: a layout whose library
-# cannot build that model exactly refuses it with a UsageError.
+# cannot build that model exactly (a family it lacks, a size it builds otherwise) refuses it with a
+# UsageError naming the model and why.
 LAYOUT_CHECKS: dict[str, Callable[[str, int], None]] = {
+    "timm": timm.check_expressible,
+    "mmpretrain": mmpretrain.check_expressible,
     "hf": hf.check_expressible,
 }
 

@@ -14,13 +14,16 @@ Block scopes are format strings over these fields of each block:
 `pos` (position in its stage), `letter` (`pos` as a, b, c, ...), and `layer` /
 `layer_pos`: the block's place when every stride-1 stage after the first joins
 the stage before it (layer 0 is the stem, the last block layer is followed by
-`head_layer`, which the head rows may use).
+`head_layer`, which the head rows may use; a layout table's `layers_by_stage` families number
+layers by stage instead), and the block's geometry: `kernel`, `mid` (expanded
+width) and `out` (output channels), which transforms with arguments may name. A source row starting
+with `~/` is rooted at the network's scope instead of the block's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -52,6 +55,11 @@ class SourceTable:
     known_names: tuple[tuple[str, str], ...] = ()  # (exact name, reason it is not a model tensor)
     known_suffixes: tuple[tuple[str, str], ...] = ()  # (name suffix, reason)
     separator: str = "/"
+    # Rows may name a layer by its order in the block, `<layer#j>`, where the format numbers layers
+    # model-wide (Keras): layer -> (layers of that name a block constructs, the first one rows use).
+    numbered_layers: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # (scope, another name the same scope may have): tried where a checkpoint lacks the first
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class LayoutTable:
     classifier: tuple[tuple[str, str], ...]
     block_scope: str  # layout prefix of a block's modules
     library: str  # who loads this layout (named when effconv's own loader refuses it)
+    # Families this layout numbers by stage: their `layer` is the stage itself (`stage_number`, no stride-1
+    # stage joining the one before), `layer_pos` its `pos`, and `head_layer` follows the last stage.
+    layers_by_stage: frozenset[str] = frozenset()
     checkpoint_key: str | None = None  # .pth files wrap the state dict as {checkpoint_key: ..., "meta": card}
     folder: FolderLayout | None = None  # a layout written as a folder (--out DIR), not as one weights file
 

@@ -8,6 +8,8 @@ mapping and layout table refers to.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -134,4 +136,103 @@ class EdgeResidual(nn.Module):
         return [self.expand_conv, self.project_conv]
 
 
-BLOCKS: dict[str, type[nn.Module]] = {"mbconv": MBConv, "edge_residual": EdgeResidual}
+class FusedMBConv(EdgeResidual):
+    """EfficientNetV2's fused MBConv: an edge residual block, or without expansion one k x k conv, BN, act.
+
+    Without the expand step the block's only conv carries the kernel and the stride (official `conv2d`,
+    here `project_conv`), and the activation follows its BN: the one block whose output is activated.
+    """
+
+    def __init__(self, block: BlockSpec):
+        if block.has_expand:
+            super().__init__(block)
+            self.has_expand = True
+            return
+        nn.Module.__init__(self)
+        self.has_expand = False
+        self.has_residual = block.has_residual
+        self.project_conv = padded_conv(
+            block.padding, block.in_channels, block.out_channels, block.kernel, block.stride, bias=False
+        )
+        self.project_bn = batch_norm(block.out_channels, block.bn_eps, block.bn_momentum)
+        self.act = activation(block.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_expand:
+            return super().forward(x)
+        y = self.act(self.project_bn(self.project_conv(x)))
+        return y + x if self.has_residual else y
+
+    def padded_convs(self) -> list[PaddedConv]:
+        return super().padded_convs() if self.has_expand else [self.project_conv]
+
+
+class ExpertConv(nn.Module):
+    """A conditionally parameterised convolution (CondConv): per example, the routing-weighted sum of its experts.
+
+    `weight` holds one flattened PyTorch kernel per expert, [experts, out * in / groups * k * k] (as timm's
+    CondConv2d). The padding and stride are those of an ordinary padded conv of the same geometry
+    (`geometry`, which holds no weights); the examples of a batch run as groups of one convolution.
+    """
+
+    def __init__(self, rule: str, cin: int, cout: int, kernel: int, stride: int, experts: int, groups: int = 1):
+        super().__init__()
+        self.shape = (cout, cin // groups, kernel, kernel)
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(experts, math.prod(self.shape)))
+        for expert in self.weight.data:
+            nn.init.kaiming_uniform_(expert.view(self.shape), a=math.sqrt(5))
+        self.geometry = padded_conv(rule, cin, cout, kernel, stride, groups=groups, bias=False, device="meta")
+        self.geometry.register_parameter("weight", None)
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        kernels = (routing @ self.weight).view(batch * self.shape[0], *self.shape[1:])
+        y = self.geometry.conv_with(x.reshape(1, -1, *x.shape[2:]), kernels, self.groups * batch)
+        return y.view(batch, self.shape[0], *y.shape[2:])
+
+
+class CondConvMBConv(nn.Module):
+    """MBConv whose expand, depthwise and project convs are CondConv layers sharing one routing.
+
+    The routing weights, sigmoid(dense(mean of the block input)), are computed once per example from the
+    block's input; squeeze-excite and batch norms are MBConv's.
+    """
+
+    def __init__(self, block: BlockSpec):
+        super().__init__()
+        if not block.has_expand or block.experts < 1:
+            raise ValueError(f"block {block.index}: a CondConv block needs experts and an expand ratio other than 1")
+        mid, experts = block.mid_channels, block.experts
+        self.has_residual = block.has_residual
+
+        def bn(channels: int) -> nn.BatchNorm2d:
+            return batch_norm(channels, block.bn_eps, block.bn_momentum)
+
+        self.routing = nn.Linear(block.in_channels, experts)
+        self.expand_conv = ExpertConv(block.padding, block.in_channels, mid, 1, 1, experts)
+        self.expand_bn = bn(mid)
+        self.dw_conv = ExpertConv(block.padding, mid, mid, block.kernel, block.stride, experts, groups=mid)
+        self.dw_bn = bn(mid)
+        self.se = SqueezeExcite(mid, block.se_channels, block.activation) if block.has_se else nn.Identity()
+        self.project_conv = ExpertConv(block.padding, mid, block.out_channels, 1, 1, experts)
+        self.project_bn = bn(block.out_channels)
+        self.act = activation(block.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = torch.sigmoid(self.routing(x.mean((2, 3))))
+        y = self.act(self.expand_bn(self.expand_conv(x, routing)))
+        y = self.act(self.dw_bn(self.dw_conv(y, routing)))
+        y = self.project_bn(self.project_conv(self.se(y), routing))
+        return y + x if self.has_residual else y
+
+    def padded_convs(self) -> list[PaddedConv]:
+        return [self.expand_conv.geometry, self.dw_conv.geometry, self.project_conv.geometry]
+
+
+BLOCKS: dict[str, type[nn.Module]] = {
+    "mbconv": MBConv,
+    "edge_residual": EdgeResidual,
+    "fused_mbconv": FusedMBConv,
+    "condconv_mbconv": CondConvMBConv,
+}

@@ -28,6 +28,20 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """A family's default evaluation preprocessing (a variant may change mean/std)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_padding: int
+    crop_below: int | None = None  # crop only for sizes below this (None: always); EfficientNetV2's 320
+    crop_offset: str = "ceil"  # the odd pixel of the margin: top/left ("ceil", TPU repo) or bottom/right ("floor")
+    # where the official trainer's evaluation resized otherwise than the single-image evaluator (docs/families.md)
+    trainer_interpolation: str | None = None
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One size of a family: its scaling coefficients and native input size."""
 
@@ -38,16 +52,9 @@ class ArchSpec:
     dropout: float
     family: str = ""  # filled in by the registry
     official: str = ""  # the size in the official name where it is not `name` ("edgetpu-S" for "edgetpu-s")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """A family's default evaluation preprocessing (a variant may change mean/std)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    crop_padding: int
+    experts: int = 0  # CondConv experts per conditional convolution (0: the family has none)
+    stages: tuple[StageSpec, ...] | None = None  # a stage table of its own (EfficientNetV2 S/M/L/XL)
+    preprocessing: Preprocessing | None = None  # an evaluation pipeline of its own (EfficientNetV2 S/M/L/XL)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class Family:
     stages: tuple[StageSpec, ...]
     sizes: tuple[ArchSpec, ...]
     preprocessing: Preprocessing
-    stem_channels: int = 32
+    stem_channels: int | None = 32  # None: the first stage's input width (EfficientNetV2)
     head_channels: int = 1280
     fix_stem_head: bool = False  # stem and head keep their base width, first and last stage their repeats
     activation: str = "swish"  # "swish", "relu6" or "relu": stem, blocks and head
@@ -99,6 +106,7 @@ class BlockSpec:
     stride: int
     se_channels: int  # 0: no squeeze-excite
     mid_channels: int  # the expanded width: nominal input x expand ratio, or the input itself without expand
+    experts: int = 0  # CondConv experts (condconv kinds only)
     activation: str = "swish"
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
@@ -132,10 +140,25 @@ class BlockSpec:
         return frozenset(p for p, present in (("expand", self.has_expand), ("se", self.has_se)) if present)
 
 
+# Block kinds whose convolutions are conditionally parameterised: they take the size's expert count.
+EXPERT_KINDS = frozenset({"condconv_mbconv"})
+
+
+def stages(family: Family, size: ArchSpec) -> tuple[StageSpec, ...]:
+    """The stage table of `size`: its own, or its family's."""
+    return size.stages or family.stages
+
+
+def preprocessing(family: Family, size: ArchSpec) -> Preprocessing:
+    """The evaluation preprocessing of `size`: its own, or its family's."""
+    return size.preprocessing or family.preprocessing
+
+
 def stem_channels(family: Family, size: ArchSpec) -> int:
+    base = stages(family, size)[0].in_channels if family.stem_channels is None else family.stem_channels
     if family.fix_stem_head:
-        return family.stem_channels
-    return family.round_channels(family.stem_channels, size.width)
+        return base
+    return family.round_channels(base, size.width)
 
 
 def head_channels(family: Family, size: ArchSpec) -> int:
@@ -153,8 +176,9 @@ def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
     """
     out: list[BlockSpec] = []
     block_in = stem_channels(family, size)
-    last = len(family.stages) - 1
-    for stage_index, stage in enumerate(family.stages):
+    table = stages(family, size)
+    last = len(table) - 1
+    for stage_index, stage in enumerate(table):
         cin = family.round_channels(stage.in_channels, size.width)
         cout = family.round_channels(stage.out_channels, size.width)
         fixed = family.fix_stem_head and stage_index in (0, last)
@@ -179,6 +203,7 @@ def expand_blocks(family: Family, size: ArchSpec) -> tuple[BlockSpec, ...]:
                     bn_momentum=family.bn_momentum,
                     padding=family.padding,
                     residual=stage.residual,
+                    experts=size.experts if stage.kind in EXPERT_KINDS else 0,
                 )
             )
             block_in = cout

@@ -74,14 +74,20 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.dynamic_padding:
             return self._conv_forward(x, self.weight, self.bias)
+        return self.conv_with(x, self.weight, self.groups)
+
+    def conv_with(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        """This layer's padding and stride around another kernel (CondConv's per-example kernels)."""
         size = (x.shape[-2], x.shape[-1])
-        if self._static_plan is not None and size == self.static_size:
+        if not self.dynamic_padding:
+            pads, padding = None, self.padding
+        elif self._static_plan is not None and size == self.static_size:
             pads, padding = self._static_plan
         else:
             pads, padding = self.padding_plan(*size)
         if pads is not None:
             x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, groups)
 
 
 class SymmetricConv2d(nn.Conv2d):
@@ -95,6 +101,10 @@ class SymmetricConv2d(nn.Conv2d):
 
     def set_input_size(self, size: tuple[int, int] | None) -> None:
         """Nothing to work out: the padding does not depend on the input size."""
+
+    def conv_with(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        """This layer's padding and stride around another kernel (CondConv's per-example kernels)."""
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, groups)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding

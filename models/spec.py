@@ -53,6 +53,11 @@ def official_name(arch: str) -> str:
     return f"{family_of(arch).official_prefix}{size.official or size.name}"
 
 
+def preprocessing_of(arch: str) -> _family.Preprocessing:
+    """The official evaluation preprocessing of `arch`: its size's own, or its family's."""
+    return _family.preprocessing(family_of(arch), get_arch(arch))
+
+
 def stem_channels(arch: str) -> int:
     return _family.stem_channels(family_of(arch), get_arch(arch))
 

@@ -15,7 +15,7 @@ it at module level.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -38,13 +38,14 @@ def official_variable_shapes(
     num_classes: int = 1000,
     bn_name: str = DEFAULT_BN_NAME,
     prefix: str | None = None,
+    names: Collection[str] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Every model variable of `arch` under its official name, with its TF shape, in forward order.
 
-    `num_classes=0` means no classification head (no `head/dense`).
+    `num_classes=0` means no classification head (no `head/dense`); `names` as in `engine.official_plan`.
     """
     p = default_prefix(arch) if prefix is None else prefix
-    return engine.source_shapes(engine.official_plan(arch, num_classes, p, bn_name), arch, num_classes)
+    return engine.source_shapes(engine.official_plan(arch, num_classes, p, bn_name, names), arch, num_classes)
 
 
 ACTIVATIONS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -79,10 +80,39 @@ def _edge_residual(net: ReferenceForward, x: tf.Tensor, b: BlockSpec, scope: str
     return h
 
 
+def _fused_mbconv(net: ReferenceForward, x: tf.Tensor, b: BlockSpec, scope: str) -> tf.Tensor:
+    if b.has_expand:
+        return _edge_residual(net, x, b, scope)
+    h = ACTIVATIONS[b.activation](net.batch_norm(net.conv(x, f"{scope}.project_conv", b.stride), f"{scope}.project_bn"))
+    if b.has_residual:
+        h = h + x
+    return h
+
+
+def _condconv_mbconv(net: ReferenceForward, x: tf.Tensor, b: BlockSpec, scope: str) -> tf.Tensor:
+    act = ACTIVATIONS[b.activation]
+    routing = tf.sigmoid(net.dense(tf.reduce_mean(x, axis=[1, 2]), f"{scope}.routing"))
+    h = net.expert_conv(x, f"{scope}.expand_conv", routing, [1, 1, b.in_channels, b.mid_channels])
+    h = act(net.batch_norm(h, f"{scope}.expand_bn"))
+    h = net.expert_conv(h, f"{scope}.dw_conv", routing, [b.kernel, b.kernel, b.mid_channels, 1], b.stride, True)
+    h = act(net.batch_norm(h, f"{scope}.dw_bn"))
+    if b.has_se:
+        s = tf.reduce_mean(h, axis=[1, 2], keepdims=True)
+        s = act(net.biased_conv(s, f"{scope}.se.reduce"))
+        h = h * tf.sigmoid(net.biased_conv(s, f"{scope}.se.expand"))
+    h = net.expert_conv(h, f"{scope}.project_conv", routing, [1, 1, b.mid_channels, b.out_channels])
+    h = net.batch_norm(h, f"{scope}.project_bn")
+    if b.has_residual:
+        h = h + x
+    return h
+
+
 # Block kind -> its forward; each takes (network, input, block row, canonical scope "blocks.N").
 TF_BLOCKS: dict[str, Callable[[ReferenceForward, tf.Tensor, BlockSpec, str], tf.Tensor]] = {
     "mbconv": _mbconv,
     "edge_residual": _edge_residual,
+    "fused_mbconv": _fused_mbconv,
+    "condconv_mbconv": _condconv_mbconv,
 }
 
 
@@ -94,13 +124,21 @@ class ReferenceForward:
     writer uses that to calibrate BN statistics layer by layer.
     """
 
-    def __init__(self, arch: str, num_classes: int, bn_name: str = DEFAULT_BN_NAME, prefix: str | None = None):
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        bn_name: str = DEFAULT_BN_NAME,
+        prefix: str | None = None,
+        names: Collection[str] | None = None,
+    ):
         self.arch = spec.get_arch(arch).name
         self.family = spec.family_of(self.arch)
         self.num_classes = num_classes
         self.bn_name = bn_name
         self.prefix = default_prefix(arch) if prefix is None else prefix
-        plan = engine.official_plan(self.arch, num_classes, self.prefix, bn_name)
+        # `names`: the variable names at hand, among which model-wide numbered layers are found
+        plan = engine.official_plan(self.arch, num_classes, self.prefix, bn_name, names)
         self.names: dict[str, str] = {m.target: m.source for m in plan}  # canonical tensor -> official variable
         self.act = ACTIVATIONS[self.family.activation]
 
@@ -134,6 +172,22 @@ class ReferenceForward:
             x, gamma, beta, mean, var, epsilon=self.family.bn_eps, is_training=False
         )
         return y
+
+    def expert_conv(
+        self, x: tf.Tensor, module: str, routing: tf.Tensor, shape: list[int], stride: int = 1, depthwise=False
+    ) -> tf.Tensor:
+        """A CondConv layer: per example, the kernel `routing @ experts` reshaped to `shape` (TF layout)."""
+        kernels = tf.matmul(routing, self.tensor(f"{module}.weight"))  # [batch, flat kernel]
+        x, padding = self._padded(x, shape[0], stride)
+
+        def one(args):
+            xi, kernel = args
+            kernel = tf.reshape(kernel, shape)
+            if depthwise:
+                return tf.nn.depthwise_conv2d(xi[None], kernel, [1, stride, stride, 1], padding)[0]
+            return tf.nn.conv2d(xi[None], kernel, stride, padding)[0]
+
+        return tf.map_fn(one, (x, kernels), fn_output_signature=tf.float32)
 
     def biased_conv(self, x: tf.Tensor, module: str) -> tf.Tensor:
         kernel = self.tensor(f"{module}.weight")
@@ -181,10 +235,11 @@ class TFReferenceModel(ReferenceForward):
     ):
         p = default_prefix(arch) if prefix is None else prefix
         if num_classes is None:
-            num_classes = _infer_num_classes(weights, engine.official_plan(arch, 1, p, bn_name))
-        super().__init__(arch, num_classes, bn_name, p)
+            num_classes = _infer_num_classes(weights, engine.official_plan(arch, 1, p, bn_name, list(weights)))
+        names = list(weights)
+        super().__init__(arch, num_classes, bn_name, p, names)
         self._weights: dict[str, tf.Tensor] = {}
-        for name, shape in official_variable_shapes(arch, num_classes, bn_name, p).items():
+        for name, shape in official_variable_shapes(arch, num_classes, bn_name, p, names).items():
             try:
                 value = weights[name]
             except KeyError:

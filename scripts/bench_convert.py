@@ -1,7 +1,8 @@
 """Conversion speed and memory: effconv vs the TensorFlow route vs a copy-only floor.
 
-For each checkpoint size (default both: a b7-sized one with raw + EMA copies,
-~530 MB, and an L2-sized one with only EMA copies, ~1.9 GB) every contender
+For each checkpoint size (default all three: a b7-sized one with raw + EMA copies,
+~530 MB, an L2-sized one with only EMA copies, ~1.9 GB, and an EfficientNetV2-L-sized one
+with raw + EMA copies, ~950 MB) every contender
 runs as a whole process (imports included), interleaved in a rotating order,
 several times; the script prints medians of wall time and peak RSS and the
 ratios the project's targets are stated in, all measured in the same run.
@@ -13,7 +14,7 @@ peak RSS is its own and never inherits the parent's (a forked child's
 bare `import torch` is measured too, as a check that the floor's figure is sane.
 The load average is printed before each round: other work on the machine shows.
 
-    .venv/bin/python scripts/bench_convert.py                 # both sizes, 5 runs each
+    .venv/bin/python scripts/bench_convert.py                 # all sizes, 5 runs each
     .venv/bin/python scripts/bench_convert.py --size b7 --runs 3 --workdir /tmp/effbench
 """
 
@@ -44,7 +45,7 @@ class Size:
         return f"{self.arch} ({'EMA only' if self.ema_only else 'raw + EMA'})"
 
 
-SIZES = {"b7": Size("b7", ema_only=False), "l2": Size("l2", ema_only=True)}
+SIZES = {"b7": Size("b7", ema_only=False), "l2": Size("l2", ema_only=True), "v2-l": Size("v2-l", ema_only=False)}
 
 # Writes the official-format checkpoint, in its own process (TensorFlow, GBs of arrays).
 GENERATE = r"""
@@ -234,7 +235,7 @@ def print_figures(fig: dict, torch_rss: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", action="append", choices=sorted(SIZES), help="repeatable; default: b7 and l2")
+    ap.add_argument("--size", action="append", choices=sorted(SIZES), help="repeatable; default: b7, l2, v2-l")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -248,7 +249,7 @@ def main() -> None:
         torch_rss = statistics.median(measure([PY, "-c", IMPORT_TORCH]).rss for _ in range(3))
         print(f"peak RSS of a bare `import torch`: {torch_rss:.0f} MB", flush=True)
         figures = []
-        for name in args.size or ["b7", "l2"]:
+        for name in args.size or ["b7", "l2", "v2-l"]:
             print(f"\n== {SIZES[name].label}", flush=True)
             figures.append(bench_size(SIZES[name], work, args.runs))
         for fig in figures:

@@ -1,4 +1,4 @@
-"""CPU inference speed: effconv's EfficientNet vs timm's tf_efficientnet_bN (same weights), and onnxruntime.
+"""CPU inference speed: effconv's EfficientNet vs timm's tf_ model of the same arch (same weights), and onnxruntime.
 
 Needs a Python with effconv and timm (timm needs torchvision): `.venv-timm/bin/python`
 (scripts/bootstrap.sh makes it) or any other; onnxruntime (+ onnxscript) adds the
@@ -24,7 +24,7 @@ Timing: warm-up, then rounds; in each round every variant runs for about
 call over all rounds; ratios are against timm in the same run. The load average
 is printed: other work on the machine shows in these figures.
 
-    .venv-timm/bin/python scripts/bench_inference.py                      # b0 and b3, batch 1 and 16
+    .venv-timm/bin/python scripts/bench_inference.py                      # b0, b3, lite0, v2-s; batch 1 and 16
     .venv-timm/bin/python scripts/bench_inference.py --arch b0 --batch 1 --threads 1 --json out.json
 """
 
@@ -168,7 +168,7 @@ def print_case(arch: str, case: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", action="append", choices=spec.ARCH_NAMES, help="repeatable; default b0 and b3")
+    ap.add_argument("--arch", action="append", choices=spec.ARCH_NAMES, help="repeatable; default b0, b3, lite0, v2-s")
     ap.add_argument("--batch", action="append", type=int, help="repeatable; default 1 and 16")
     ap.add_argument("--odd-size", type=int, help="the odd input size (default: native + 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and onnxruntime threads (default all)")
@@ -188,7 +188,7 @@ def main() -> None:
     )
     report = {"torch": torch.__version__, "timm": timm.__version__, "threads": args.threads, "archs": {}}
     with tempfile.TemporaryDirectory(prefix="effconv-bench-") as tmp:
-        for arch in args.arch or ["b0", "b3"]:
+        for arch in args.arch or ["b0", "b3", "lite0", "v2-s"]:
             native = spec.get_arch(arch).resolution
             ours, theirs = build_models(arch)
             cases = []

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from effconv.errors import UsageError
-from effconv.formats import keras, tf_checkpoint
+from effconv.formats import keras, keras3, saved_model, tf_checkpoint
 from effconv.formats.base import Detected, OpenedSource, Reader, SourceFormat, SourcePlan, TensorInfo
 
 __all__ = [
@@ -34,15 +34,19 @@ __all__ = [
 ]
 
 # Suffixes of formats effconv recognises but does not read yet: refused with what it does read.
-REFUSED_SUFFIXES: dict[str, str] = {
-    ".keras": "is a Keras 3 .keras archive; effconv reads TF checkpoints and Keras legacy .h5 "
-    "(Keras applications' efficientnetbN.h5, save_weights('x.h5') in Keras 2, model.save('x.h5'))",
-}
+REFUSED_SUFFIXES: dict[str, str] = {}
 
 
-# The registry. Sniffed in order: the TF checkpoint (a directory, prefix, .index or tarball) takes what no
-# other claims, so it comes last.
-FORMATS: tuple[SourceFormat, ...] = (keras.FORMAT, tf_checkpoint.FORMAT)
+# The registry. Sniffed in order: Keras 3's `.keras` and `.weights.h5` before the legacy `.h5` that claims any
+# HDF5 file; a SavedModel directory before the TF checkpoint (a directory, prefix, .index or tarball), which
+# takes what no other claims, so it comes last.
+FORMATS: tuple[SourceFormat, ...] = (
+    keras3.ARCHIVE,
+    keras3.WEIGHTS,
+    saved_model.FORMAT,
+    keras.FORMAT,
+    tf_checkpoint.FORMAT,
+)
 
 
 def get_format(name: str) -> SourceFormat:

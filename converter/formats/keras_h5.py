@@ -114,10 +114,15 @@ def _import_h5py():
 
 def check_in_child(path: Path, timeout: float = PROBE_SECONDS) -> None:
     """Walk `path` with `probe` in a child process first: a libhdf5 crash there is an error here."""
+    probe_in_child(path, _PROBE_CODE, [os.fspath(path)], timeout)
+
+
+def probe_in_child(path: Path, code: str, args: list[str], timeout: float = PROBE_SECONDS) -> None:
+    """Run `code` (a walk of the HDF5 file `path`) with `args` in a child Python: its crash, hang or error is ours."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # find effconv as we did
     try:
         child = subprocess.run(
-            [sys.executable, "-c", _PROBE_CODE, os.fspath(path)],
+            [sys.executable, "-c", code, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,

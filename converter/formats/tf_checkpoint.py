@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from effconv.errors import CheckpointError, UsageError
+from effconv.errors import CheckpointError, MappingError, UsageError
 from effconv.formats.base import Detected, OpenedSource, SourcePlan, TensorInfo
 from effconv.mappings import engine, official
 from effconv.models import spec
@@ -30,6 +30,7 @@ class CheckpointLayout:
     num_blocks: int
     stem_channels: int
     head_channels: int
+    names: frozenset[str]  # the checkpoint's base variable names (numbered layers are found among them)
 
     @property
     def detected(self) -> Detected:
@@ -70,8 +71,19 @@ def _named_arch(prefix: str) -> str | None:
     return spec.OFFICIAL_NAMES[max(names, key=len)] if names else None
 
 
+def _plan(shapes: Mapping[str, tuple[int, ...]], arch: str, num_classes: int, prefix: str, bn: str):
+    """The official plan of `arch`, its model-wide numbered layers named as this checkpoint has them."""
+    return engine.official_plan(arch, num_classes, prefix, bn, names={base_name(n) for n in shapes})
+
+
 def _holds_every_variable(shapes: Mapping[str, tuple[int, ...]], arch: str, num_classes: int, prefix, bn) -> bool:
-    return all(_shape(shapes, m.source) is not None for m in engine.official_plan(arch, num_classes, prefix, bn))
+    """True when every variable `arch` needs is there with the shape it needs (CondConv's expert count too)."""
+    try:
+        plan = _plan(shapes, arch, num_classes, prefix, bn)
+    except MappingError:
+        return False
+    want = engine.source_shapes(plan, arch, num_classes)
+    return all(_shape(shapes, m.source) == want[m.source] for m in plan)
 
 
 def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None) -> CheckpointLayout:
@@ -92,7 +104,7 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None
     named = _named_arch(prefix)
     if not fitting:
         raise CheckpointError(f"checkpoint '{prefix}' has {described}, which fits no {spec.KNOWN_MODELS}")
-    dense = _shape(shapes, f"{root}head/dense/kernel")
+    dense = _shape(shapes, f"{root}head/dense/kernel") or _shape(shapes, f"{root}head_1/dense/kernel")
     num_classes = dense[1] if dense and len(dense) == 2 else 0
     # Sizes of two families can agree in blocks, stem and head (b0 and lite0): the names then tell.
     complete = [a for a in fitting if _holds_every_variable(shapes, a, num_classes, prefix, bn)]
@@ -111,6 +123,7 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None
         num_blocks=num_blocks,
         stem_channels=stem[3],
         head_channels=head[3],
+        names=frozenset(base_name(n) for n in shapes),
     )
 
 
@@ -155,7 +168,7 @@ class TFCheckpointFormat:
         return detect_layout(shapes, arch).detected
 
     def _plan(self, layout: CheckpointLayout) -> tuple[engine.TensorMapping, ...]:
-        return engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn)
+        return engine.official_plan(layout.arch, layout.num_classes, layout.prefix, layout.bn, names=layout.names)
 
     def plan(self, source, shapes, arch, ema, allow_mixed) -> SourcePlan:
         from effconv.ema_policy import choose_weights

@@ -14,13 +14,17 @@ from effconv.errors import OutputError, UsageError
 REPORT_SUFFIXES = (".json", ".md", ".xml", ".png")
 
 
-def check_report_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def check_report_paths(paths: Sequence[str | os.PathLike], keep: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """The report paths, checked; none may be one of `keep` (the weights and their model card beside them)."""
+    kept = {Path(k).resolve() for k in keep}
     out = []
     for p in map(Path, paths):
         if p.suffix not in REPORT_SUFFIXES:
             raise UsageError(f"--report {p}: the suffix must be one of {', '.join(REPORT_SUFFIXES)}")
         if not p.parent.is_dir():
             raise UsageError(f"--report {p}: directory does not exist")
+        if p.resolve() in kept:
+            raise UsageError(f"--report {p} would overwrite the weights or their model card; name the report otherwise")
         out.append(p)
     return out
 

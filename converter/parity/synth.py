@@ -237,7 +237,7 @@ def _make_network(arch: str, num_classes: int, bn_name: str, prefix: str | None,
 
         def dense(self, x: tf.Tensor, module: str) -> tf.Tensor:
             logits = super().dense(x, module)
-            if self.fit_logits:
+            if self.fit_logits and module == "classifier":  # not CondConv's routing layers
                 self.values[self.names[f"{module}.weight"]] *= LOGITS_STD / tf.math.reduce_std(logits)
                 logits = super().dense(x, module)
             return logits

@@ -34,11 +34,12 @@ class CatalogueEntry:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     parameters: int
-    flops: int
+    flops: int | None  # None: no published count
     top1: float | None
     top5: float | None
     official_top1: float | None
     sha256: str | None
+    num_classes: int = 1000  # the released head's outputs (EdgeTPU: 1001, EfficientNetV2 -21k: 21843)
 
     def url(self, base_url: str | None = None) -> str:
         """Download address: `base_url`, else $EFFCONV_BASE_URL, else the official bucket."""
@@ -133,15 +134,16 @@ def _figure(value: float | None) -> str:
 
 def format_table(rows: list[CatalogueEntry]) -> str:
     """A fixed-width table for the terminal."""
-    header = ("name", "alias", "variant", "size", "params", "GFLOPs", "top-1", "top-5", "TF top-1")
+    header = ("name", "alias", "variant", "size", "classes", "params", "GFLOPs", "top-1", "top-5", "TF top-1")
     lines = [
         (
             e.name,
             e.aliases[0],
             e.variant,
             str(e.image_size),
+            str(e.num_classes),
             f"{e.parameters / 1e6:.2f}M",
-            f"{e.flops / 1e9:.2f}",
+            "-" if e.flops is None else f"{e.flops / 1e9:.2f}",
             _figure(e.top1),
             _figure(e.top5),
             "-" if e.official_top1 is None else f"{e.official_top1:.1f}",

@@ -13,23 +13,40 @@ Two layouts:
 
 An image that cannot be read stops the evaluation with an error naming it, or, with `skip_bad`, is left out
 and listed in the result.
+
+Under torchrun (or `effconv eval --nproc N`) the sorted image list is shared out by rank in contiguous
+blocks, nothing repeated (distributed.py); after each batch every process's per-image rows are gathered, so
+that every process takes the same decisions (an unreadable image stops them all) and rank 0 writes the rows
+to the predictions file (predictions.py), from which an interrupted run resumes.
+
+With an `against_tf.AgainstTF` (`effconv eval --against-tf`) every batch PyTorch read also goes through
+TensorFlow's preprocessing and the TF reference model, and the result holds the comparison; one process only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from effconv import __version__
 from effconv.errors import UsageError
+from effconv.zoo import distributed
 from effconv.zoo.devices import resolve_device
 from effconv.zoo.inference import IMAGE_SUFFIXES, card_preprocessing, imagenet_classes, images_in, prepare
+from effconv.zoo.predictions import TOP, PredictionsFile, rounded
+
+if TYPE_CHECKING:
+    from effconv.zoo.against_tf import AgainstTF
 
 IMAGENET_HEADS = (1000, 1001)  # the heads whose labels are ImageNet-1k's (1001: background first)
 
@@ -163,17 +180,22 @@ class ImageDataset(torch.utils.data.Dataset):
             return torch.zeros(3, size, size), self.labels[index], str(e)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class EvalResult:
-    images: int
+    images: int  # read and classified, those of a resumed run's earlier part included
     top1: float  # percent
     top5: float
     seconds: float
     details: dict = field(default_factory=dict)
+    evaluated: int | None = None  # images that went through this run (a resumed run's own part); None: all
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
+        done = self.images if self.evaluated is None else self.evaluated
+        return done / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -184,6 +206,30 @@ class EvalResult:
             "images_per_second": round(self.images_per_second, 2),
             **self.details,
         }
+
+
+@dataclass
+class _Tally:
+    """Counts over per-image rows (see predictions.py), wherever they come from: this run or the file resumed."""
+
+    files: dict[str, Path]
+    seen: int = 0
+    correct1: int = 0
+    correct5: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            if "error" in row:
+                self.skipped.append({"file": os.fspath(self.files[row["path"]]), "error": row["error"]})
+                continue
+            self.seen += 1
+            self.correct1 += row["top5"][0] == row["label"]
+            self.correct5 += row["label"] in row["top5"]
+
+    @property
+    def done(self) -> int:
+        return self.seen + len(self.skipped)
 
 
 def evaluate(
@@ -198,43 +244,77 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     skip_bad: bool = False,
     class_map: dict[str, int] | None = None,
+    predictions: str | os.PathLike | None = None,
+    amp: str | None = None,
+    against_tf: AgainstTF | None = None,
 ) -> EvalResult:
     """Accuracy of `model` (with its card) on the images under `data`; `limit` keeps the first N.
 
     An unreadable image raises UsageError naming it; with `skip_bad` it is left out, counted and listed in the
-    result's `skipped` (file and reason). `device` None: cuda when available.
+    result's `skipped` (file and reason). `device` None: cuda when available. `predictions`: a .jsonl or .csv
+    file of per-image results, appended as the run goes; when it already holds rows of this run, those
+    images are skipped and counted from the file. `amp` ("bf16", "fp16"): autocast, not the exact path.
+
+    Inside a joined process group (`distributed.process_group`, under torchrun) each process evaluates its
+    share of the image list and every process gets the totals; rank 0 alone writes `predictions` and
+    calls `progress`.
+
+    `against_tf` (one process, exact path only): each batch PyTorch read goes through TensorFlow too, and the
+    result's `against_tf` holds the comparison (`AgainstTF.summary`); images resumed from `predictions` are not
+    compared.
     """
     settings = card_preprocessing(model)
     device = resolve_device(device)
+    if amp is not None and amp not in AMP_DTYPES:
+        raise UsageError(f"--amp {amp}: one of {', '.join(AMP_DTYPES)}")
+    ranks = distributed.current()
+    if against_tf is not None:
+        from effconv.zoo.against_tf import check_runnable
+
+        check_runnable(ranks.world_size, amp)
     found = find_images(data, labels_file, num_classes=model.num_classes, class_map=class_map)
-    files, labels = found.files[:limit], found.labels[:limit]
     offset = 1 if model.num_classes == len(imagenet_classes()) + 1 else 0  # 1001 classes: background is 0
-    labels = tuple(label + offset for label in labels)
-    if max(labels) >= model.num_classes:
-        raise UsageError(f"label {max(labels)} does not exist in a model of {model.num_classes} classes")
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(files, labels, settings), batch_size=batch_size, num_workers=workers, shuffle=False
-    )
-    k = min(5, model.num_classes)
-    model = model.to(device)
-    correct1 = correct5 = seen = 0
-    skipped: list[dict[str, str]] = []
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for first, (batch, target, errors) in zip(range(0, len(files), batch_size), loader, strict=True):
-            readable = _readable(files[first : first + len(errors)], errors, skip_bad, skipped)
-            if readable.any():
-                logits = model(batch[readable].to(device))
-                top = logits.topk(k, dim=1).indices.cpu()
-                hits = top == target[readable][:, None]
-                correct1 += int(hits[:, 0].sum())
-                correct5 += int(hits.any(dim=1).sum())
-                seen += int(readable.sum())
-            if progress:
-                progress(seen + len(skipped), len(files))
-    seconds = time.perf_counter() - start
-    if not seen:
-        raise UsageError(f"none of the {len(files)} images could be read (first: {skipped[0]['error']})")
+    images = _Images(found.files[:limit], tuple(label + offset for label in found.labels[:limit]), Path(data))
+    if max(images.labels) >= model.num_classes:
+        raise UsageError(f"label {max(images.labels)} does not exist in a model of {model.num_classes} classes")
+    digest = _same_images_everywhere(images)
+    log: PredictionsFile | None = None
+
+    def resume() -> list[dict]:  # on rank 0 alone: the file is on its machine
+        nonlocal log
+        run = {"weights_sha256": _weights_digest(model), "images": len(images.names), "images_sha256": digest}
+        log = PredictionsFile(predictions, {**run, "preprocessing": settings, "amp": amp})
+        return log.resume(images.names)
+
+    try:
+        done = distributed.from_main(resume) if predictions is not None else []
+        tally = _Tally(dict(zip(images.names, images.files, strict=True)))
+        tally.add(done)
+        finished = {row["path"] for row in done}
+        todo = [i for i, name in enumerate(images.names) if name not in finished]
+        report = progress if progress is not None and ranks.is_main else None
+        if report:
+            report(tally.done, len(images.names))
+
+        def step(rows: list[dict]) -> None:  # the rows of every process's batch, on every process
+            bad = next((row for row in rows if "error" in row), None)
+            if bad is not None and not skip_bad:
+                raise distributed.on_every_rank(UsageError(f"{bad['error']} (--skip-bad leaves unreadable images out)"))
+            tally.add(rows)
+            if log is not None:
+                log.append(rows)
+            if report:
+                report(tally.done, len(images.names))
+
+        loader = {"batch_size": batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
+        seconds, peak = _evaluate_share(model, images, todo, settings, loader, device, amp, step, against_tf)
+        if not tally.seen:
+            error = f"none of the {len(images.files)} images could be read (first: {tally.skipped[0]['error']})"
+            raise distributed.on_every_rank(UsageError(error))
+        written = {"sha256": log.finish(images.names), "rows": tally.done} if log is not None else None
+    finally:
+        if log is not None:
+            log.close()
     details = {
         "data": os.fspath(data),
         "layout": found.layout,
@@ -243,19 +323,167 @@ def evaluate(
         "batch_size": batch_size,
         "workers": workers,
         "device": str(device),
-        "skipped_count": len(skipped),
-        "skipped": skipped,
+        "processes": ranks.world_size,
+        "exact": amp is None,
+        "amp": amp,
+        "evaluated": len(todo),
+        "resumed": len(done),
+        "skipped_count": len(tally.skipped),
+        "skipped": tally.skipped,
         "preprocessing": settings,
         "effconv_version": __version__,
+        **_device_details(device, amp, peak),
     }
-    return EvalResult(seen, 100.0 * correct1 / seen, 100.0 * correct5 / seen, seconds, details)
+    if predictions is not None:
+        details["predictions"] = {"file": os.fspath(predictions), **(written or {})}
+    if against_tf is not None:
+        details["against_tf"] = against_tf.summary(resumed=len(done))
+    top1, top5 = (100.0 * n / tally.seen for n in (tally.correct1, tally.correct5))
+    return EvalResult(tally.seen, top1, top5, seconds, details, evaluated=len(todo))
 
 
-def _readable(files, errors: list[str], skip_bad: bool, skipped: list[dict[str, str]]) -> torch.Tensor:
-    """Which images of a batch were read; an unreadable one stops the evaluation unless `skip_bad`."""
-    for path, error in zip(files, errors, strict=True):
-        if error and not skip_bad:
-            raise UsageError(f"{error} (--skip-bad leaves unreadable images out)")
+@dataclass(frozen=True)
+class _Images:
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+    root: Path
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        """The paths under the data folder, as the predictions file names them."""
+        return tuple(path.relative_to(self.root).as_posix() for path in self.files)
+
+
+def _evaluate_share(model, images: _Images, todo: list[int], settings, loader: dict, device, amp, step, against):
+    """This process's share of the images `todo`, in step with the other processes; (seconds, peak GPU memory).
+
+    Every process takes the same number of steps (the last ones of a smaller share are empty); after each,
+    `step` gets the rows of every process's batch. `against` (an AgainstTF, or None) sees each batch's logits.
+    """
+    ranks = distributed.current()
+    mine = distributed.share(todo, ranks)
+    steps = -(-distributed.largest_share(len(todo), ranks.world_size) // loader["batch_size"])
+    names = images.names
+    dataset = ImageDataset(tuple(images.files[i] for i in mine), tuple(images.labels[i] for i in mine), settings)
+    batches, position = iter(torch.utils.data.DataLoader(dataset, shuffle=False, **loader)), 0
+    with _on_device(model, device, exact=amp is None) as model:
+        start = time.perf_counter()
+        with torch.inference_mode(), _autocast(device, amp):
+            for _ in range(steps):
+                batch = next(batches, None)
+                rows = []
+                if batch is not None:
+                    count = len(batch[2])
+                    chosen = mine[position : position + count]
+                    watch = None
+                    if against is not None:
+                        files, labels = [images.files[i] for i in chosen], [images.labels[i] for i in chosen]
+                        watch = functools.partial(against.add, files, labels)
+                    rows = _rows(model, batch, [names[i] for i in chosen], device, watch)
+                    position += count
+                step([row for part in distributed.all_gather(rows) for row in part])
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, max(distributed.all_gather(peak), key=lambda p: p or 0)
+
+
+def _device_details(device, amp: str | None, peak: int | None) -> dict:
+    details = {}
+    if amp is not None:
+        details["note"] = (
+            f"--amp {amp}: autocast to {AMP_DTYPES[amp]} on {device.type}, faster but not the exact float32 "
+            "computation of the official evaluation; accuracy can differ a little"
+        )
+    if device.type == "cuda":
+        details["tf32"] = False if amp is None else None  # the exact path turns TF32 off for convolutions
+        details["peak_gpu_memory_bytes"] = peak  # the largest of any process
+    return details
+
+
+def _rows(model, batch, names: list[str], device: torch.device, watch=None) -> list[dict]:
+    """The per-image rows of one batch, in its order: top-5 classes and probabilities, or the reading error.
+
+    `watch(readable, x, logits)`, when given, sees which images were read, their input and their logits.
+    """
+    images, target, errors = batch
+    readable = torch.tensor([not error for error in errors], dtype=torch.bool)
+    outputs = iter(())
+    if readable.any():
+        loaded = images if readable.all() else images[readable]  # as loaded: pinned for the non-blocking copy
+        x = loaded.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout of the weights, for cuDNN
+        logits = model(x).float()
+        if watch is not None:
+            watch(readable.tolist(), loaded, logits)
+        top = logits.topk(min(TOP, logits.shape[1]), dim=1)
+        probs = torch.softmax(logits, dim=1).gather(1, top.indices)
+        found = torch.cat([top.indices.double(), probs.double(), top.values[:, :1].double()], dim=1).cpu()
+        outputs = iter(found.tolist())
+    rows = []
+    for name, label, error in zip(names, target.tolist(), errors, strict=True):
         if error:
-            skipped.append({"file": os.fspath(path), "error": error})
-    return torch.tensor([not error for error in errors], dtype=torch.bool)
+            rows.append({"path": name, "label": label, "error": error})
+            continue
+        values = next(outputs)
+        k = (len(values) - 1) // 2
+        rows.append(
+            {
+                "path": name,
+                "label": label,
+                "top5": [int(v) for v in values[:k]],
+                "prob5": [rounded(v) for v in values[k : 2 * k]],
+                "logit_max": rounded(values[-1]),
+            }
+        )
+    return rows
+
+
+@contextlib.contextmanager
+def _on_device(model, device: torch.device, exact: bool):
+    """The model on `device`; on CUDA channels-last, cuDNN autotuned, TF32 off on the exact path."""
+    model = model.to(device)
+    if device.type != "cuda":
+        yield model
+        return
+    model = model.to(memory_format=torch.channels_last)
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = True
+    if exact:  # TF32 rounds the inputs of every convolution to 10 bits of mantissa
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield model
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = flags
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _same_images_everywhere(images: _Images) -> str:
+    """A digest of the image list and labels, checked to be the same in every process (each lists --data)."""
+    listing = "\n".join(f"{name}\t{label}" for name, label in zip(images.names, images.labels, strict=True))
+    digest = hashlib.sha256(listing.encode()).hexdigest()
+    seen = distributed.all_gather((len(images.files), digest))
+    if len(set(seen)) > 1:
+        counts = ", ".join(f"rank {rank}: {count}" for rank, (count, _) in enumerate(seen))
+        raise distributed.on_every_rank(
+            distributed.DistributedError(
+                f"the processes see different images under the data folder ({counts} images, or other labels): "
+                "every machine needs the same files at the same path"
+            )
+        )
+    return digest
+
+
+def _weights_digest(model) -> str:
+    """sha256 over the model's tensors (names, dtypes, shapes, values): which weights a predictions file holds."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,8 +1,9 @@
-"""The official EfficientNet evaluation preprocessing, reproduced exactly in numpy.
+"""The official EfficientNet evaluation preprocessing, reproduced exactly.
 
 decode (RGB uint8) -> centre crop of side S/(S+pad) of the short edge -> TF1 legacy bicubic resize to S x S
-(float 0-255, not clipped) -> (x - mean) / std. `preprocess_tf` runs the same pipeline with TensorFlow's own ops,
-as the reference the numpy port is checked against.
+(float 0-255, not clipped) -> (x - mean) / std. The resize (`legacy_bicubic.py`) runs on the CPU in numpy + scipy,
+or in torch on any device (`preprocess_crop_torch`, after `decode_and_crop` on the CPU); both give TF's bits.
+`preprocess_tf` runs the same pipeline with TensorFlow's own ops, as the reference they are checked against.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import numpy as np
 
 from effconv.errors import UsageError, one_line
 from effconv.variants import CROP_PADDING, IMAGENET_MEAN, IMAGENET_STD
+from effconv.zoo import legacy_bicubic
 
 CROP_FRACTION = 0.875  # the newer TPU-repo rule keeps this fraction at every size
 
-# TF1's legacy bicubic: Keys' cubic with a = -0.75, weights looked up in a table of 1024 steps per pixel.
-_CUBIC_A = -0.75
-_TABLE_SIZE = 1024
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -56,60 +55,23 @@ def center_crop(image: np.ndarray, image_size: int, crop_padding: int | None = C
     return image[top : top + crop, left : left + crop]
 
 
-def _cubic_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Weights of the near (|t| <= 1) and far (1 < |t| <= 2) taps at t = i / 1024; float64 rounded to float32."""
-    a = _CUBIC_A
-    t = np.arange(_TABLE_SIZE + 1) / _TABLE_SIZE
-    near = ((a + 2) * t - (a + 3)) * t * t + 1
-    far = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
-    return near.astype(np.float32), far.astype(np.float32)
-
-
-_NEAR, _FAR = _cubic_tables()
-
-
-def _axis_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights (out_size x 4 each) along one axis, with TF1's float32 arithmetic.
-
-    Source coordinate = out_index * (in/out), no half-pixel offset; taps at floor-1 .. floor+2, indices clamped
-    to the edge; the fractional part picks a table row by round-half-even.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    position = np.arange(out_size, dtype=np.float32) * scale
-    base = np.floor(position)
-    step = np.rint((position - base) * np.float32(_TABLE_SIZE)).astype(np.intp)
-    flip = _TABLE_SIZE - step
-    weights = np.stack([_FAR[step], _NEAR[step], _NEAR[flip], _FAR[flip]], axis=1)
-    indices = np.clip(base.astype(np.intp)[:, None] + np.arange(-1, 3), 0, in_size - 1)
-    return indices, weights
-
-
-def _interpolate(image: np.ndarray, indices: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
-    """Four-tap weighted sum along `axis`, accumulated tap by tap in float32 as TF does."""
-    shape = [1] * image.ndim
-    shape[axis] = -1
-    out = None
-    for tap in range(4):
-        term = np.take(image, indices[:, tap], axis=axis) * weights[:, tap].reshape(shape)
-        out = term if out is None else np.add(out, term, out=out)
-    return out
-
-
 def resize_bicubic_tf1(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """`tf.compat.v1.image.resize_bicubic(align_corners=False, half_pixel_centers=False)` of an HxWxC image.
 
-    Any dtype in, float32 out, not clipped. Rows are interpolated first, then columns, like TF's kernel, which
-    makes the result bit-identical to TF's on CPU.
+    Any dtype in, float32 out, not clipped, bit-identical to TF's on CPU. The result is a height x width x C view
+    of a channels-first array (`np.ascontiguousarray(out.transpose(2, 0, 1))` gets that array without a copy).
     """
+    image = _checked_resize_input(image, height, width)
+    return legacy_bicubic.resize_planar(image, height, width).transpose(1, 2, 0)
+
+
+def _checked_resize_input(image: np.ndarray, height: int, width: int) -> np.ndarray:
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+    if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1 or image.shape[2] < 1:
         raise UsageError(f"resize needs a non-empty HxWxC image, got shape {image.shape}")
     if height < 1 or width < 1:
         raise UsageError(f"resize target must be at least 1x1, got {height}x{width}")
-    if image.dtype not in (np.uint8, np.float32):  # uint8 * float32 stays float32; others are cast as TF does
-        image = image.astype(np.float32)
-    rows = _interpolate(image, *_axis_taps(image.shape[0], height), axis=0)
-    return _interpolate(rows, *_axis_taps(image.shape[1], width), axis=1)
+    return legacy_bicubic.as_float_input(image)
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -190,13 +152,53 @@ def preprocess(
     """The official eval preprocessing: HxWx3 float32, ready to be stacked into NHWC.
 
     `image_or_path` is an HxWx3 RGB array (uint8 0-255) or something `decode_image` reads. `mean=std=None`
-    skips normalisation (float 0-255 out); `crop_padding=None` takes the newer 0.875 rule.
+    skips normalisation (float 0-255 out); `crop_padding=None` takes the newer 0.875 rule. The result is a view of
+    a channels-first array: `np.ascontiguousarray(out.transpose(2, 0, 1))` is that array, for NCHW, without a copy.
+    """
+    crop = decode_and_crop(image_or_path, image_size, crop_padding, copy=False)
+    crop = _checked_resize_input(crop, image_size, image_size)
+    if mean is None and std is None:
+        planar = legacy_bicubic.resize_planar(crop, image_size, image_size)
+    else:
+        planar = legacy_bicubic.resize_planar(crop, image_size, image_size, _or_zero(mean), _or_one(std))
+    return planar.transpose(1, 2, 0)
+
+
+def decode_and_crop(
+    image_or_path: np.ndarray | str | os.PathLike | bytes,
+    image_size: int,
+    crop_padding: int | None = CROP_PADDING,
+    copy: bool = True,
+) -> np.ndarray:
+    """Decode (if need be) and take the official centre crop: HxWx3, as decoded (uint8), contiguous.
+
+    The CPU half of the pipeline when the resize runs elsewhere (`preprocess_crop_torch` on a GPU); crops differ
+    in size from image to image. `copy=False` may return a view of the decoded image.
     """
     image = image_or_path if isinstance(image_or_path, np.ndarray) else decode_image(image_or_path)
     if image.ndim != 3 or image.shape[2] != 3:
         raise UsageError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    resized = resize_bicubic_tf1(center_crop(image, image_size, crop_padding), image_size, image_size)
-    return resized if mean is None and std is None else normalize(resized, _or_zero(mean), _or_one(std))
+    crop = center_crop(image, image_size, crop_padding)
+    return np.ascontiguousarray(crop) if copy else crop
+
+
+def preprocess_crop_torch(
+    crop,
+    image_size: int,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+):
+    """The resize and normalisation of a `decode_and_crop` crop in torch, on the crop's device: 3 x S x S float32.
+
+    `crop` is an HxWx3 tensor (uint8 as decoded; any dtype is cast as TF casts it), on the CPU or a GPU. The bits
+    equal `preprocess`'s (channels first), which equal TF's. `mean=std=None` skips normalisation.
+    """
+    if crop.dim() != 3 or crop.shape[2] != 3 or crop.shape[0] < 1 or crop.shape[1] < 1:
+        raise UsageError(f"expected an HxWx3 crop, got shape {tuple(crop.shape)}")
+    planar = legacy_bicubic.resize_torch(crop, image_size, image_size)
+    if mean is None and std is None:
+        return planar
+    return legacy_bicubic.normalise_torch(planar, _or_zero(mean), _or_one(std))
 
 
 def preprocess_tf(

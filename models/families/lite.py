@@ -27,8 +27,11 @@ FAMILY = Family(
         ArchSpec("lite3", 1.2, 1.4, 280, 0.3),
         ArchSpec("lite4", 1.4, 1.8, 300, 0.3),
     ),
-    # eval_ckpt_main.py's default resize (TF1 bicubic) and crop padding 32
-    preprocessing=Preprocessing(EDGE_MEAN, EDGE_STD, "bicubic-tf1-legacy", 32),
+    # eval_ckpt_main.py's resize (TF1 bicubic) and crop padding 32; the trainer's evaluation (main.py) resized
+    # Lite with TF1 bilinear: recorded in the card beside it (docs/families.md says why the card takes bicubic)
+    preprocessing=Preprocessing(
+        EDGE_MEAN, EDGE_STD, "bicubic-tf1-legacy", 32, trainer_interpolation="bilinear-tf1-legacy"
+    ),
     fix_stem_head=True,
     activation="relu6",
 )

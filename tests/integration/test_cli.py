@@ -192,6 +192,7 @@ def test_choice_lists_are_the_librarys_tables():
     from effconv.mappings.layouts import LAYOUT_NAMES
     from effconv.models.spec import ARCH_NAMES, OFFICIAL_NAMES
     from effconv.variants import VARIANTS
+    from effconv.zoo.evaluation import AMP_DTYPES
 
     tables = {
         "arch": ARCH_NAMES,
@@ -200,6 +201,7 @@ def test_choice_lists_are_the_librarys_tables():
         "dtype": tuple(DTYPES),
         "ema": POLICIES,
         "old_ema": POLICIES,
+        "amp": tuple(AMP_DTYPES),
     }
     for name, command in main.commands.items():
         for param in command.params:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from effconv.errors import OutputError
+from effconv.errors import OutputError, UsageError
 from effconv.models import load
 from effconv.output import export as export_module
 from tests.support.helpers import assert_close, run_cli
@@ -65,7 +65,7 @@ def test_bad_output_paths_are_usage_errors(weights, tmp_path, name):
 
 
 def test_parity_failure_exits_1_and_writes_nothing(weights, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "_check_with_onnxruntime", lambda *args: 0.5)
+    monkeypatch.setattr(export_module, "_check_with_onnxruntime", lambda *args: (0.5, 10.0))
     out = tmp_path / "b0.onnx"
     result = run_cli("export", "--weights", weights, "--onnx", out, "--input-size", 64)
     assert result.exit_code == 1 and "0.5" in result.stderr
@@ -144,3 +144,12 @@ def test_the_status_line_ticks_on_a_terminal(monkeypatch, capsys):
     status.close()
     drawn = capsys.readouterr().err
     assert drawn.count("exporting") >= 3 and drawn.endswith("\r\033[K")
+
+
+def test_condconv_models_are_refused_with_the_reason(tmp_path):
+    from effconv.models import create_model
+    from effconv.output.export import export_model
+
+    with pytest.raises(UsageError, match="CondConv models do not export to ONNX"):
+        export_model(create_model("condconv-b0-4e", 10), tmp_path / "cc.onnx", 64)
+    assert list(tmp_path.iterdir()) == []

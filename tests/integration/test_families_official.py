@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from effconv.convert import convert_checkpoint
-from effconv.errors import MappingError, UsageError
+from effconv.errors import UsageError
 from effconv.models import create_model, spec
 from tests.conftest import PROJECT_ROOT
 from tests.support.helpers import assert_close, max_abs, nchw, run_cli
@@ -21,6 +21,8 @@ EMA = "/ExponentialMovingAverage"
 CASES = {
     "official-lite0": ("lite0", "lite", "efficientnet-lite0"),
     "official-edgetpu-s": ("edgetpu-s", "edgetpu", "efficientnet-edgetpu-S"),
+    "official-condconv-b0-4e": ("condconv-b0-4e", "condconv", "efficientnet-condconv-b0-4e"),
+    "official-v2-b0": ("v2-b0", "v2", "efficientnetv2-b0"),
 }
 # Parameters with the released heads (Lite 1000 classes, EdgeTPU 1001 with the background class), from the
 # built PyTorch model; lite0 and edgetpu-s are checked against the fixtures' variables below.
@@ -33,6 +35,21 @@ PARAMETERS = {
     ("edgetpu-s", 1001): 5_439_673,
     ("edgetpu-m", 1001): 6_900_777,
     ("edgetpu-l", 1001): 10_591_249,
+    # CondConv and EfficientNetV2 (1000 classes; V2's ImageNet-21k releases have 21,843): each equals timm's
+    # published count (tf_efficientnet_cc_b0_4e 13.31M ... tf_efficientnetv2_xl 208.12M, README table)
+    ("condconv-b0-4e", 1000): 13_314_116,
+    ("condconv-b0-8e", 1000): 24_013_284,
+    ("condconv-b0-8e-depth", 1000): 39_715_968,
+    ("v2-b0", 1000): 7_139_704,
+    ("v2-b1", 1000): 8_141_052,
+    ("v2-b2", 1000): 10_096_086,
+    ("v2-b3", 1000): 14_358_406,
+    ("v2-s", 1000): 21_458_488,
+    ("v2-m", 1000): 54_139_356,
+    ("v2-l", 1000): 118_515_272,
+    ("v2-xl", 1000): 208_119_808,
+    ("v2-s", 21843): 48_158_371,
+    ("v2-xl", 21843): 234_819_691,
 }
 
 
@@ -80,8 +97,10 @@ def test_card_and_bookkeeping(case):
     assert result.detected.facts["prefix"] == prefix == meta["model_name"]
     pre = card["preprocessing"]
     assert (pre["mean"], pre["std"]) == (list(oracle["mean_rgb"]), list(oracle["stddev_rgb"]))
-    assert (pre["mean"], pre["std"]) == ([127.0] * 3, [128.0] * 3)
     assert (pre["image_size"], pre["crop_padding"], pre["interpolation"]) == (224, 32, "bicubic-tf1-legacy")
+    assert pre["crop"] == "center" and "resize_bicubic" in meta["eval_preprocessing"]["resize"]
+    # Lite's trainer evaluated with TF1 bilinear, its evaluator (the fixture's) bicubic: the card says both
+    assert pre.get("trainer_interpolation") == ("bilinear-tf1-legacy" if family == "lite" else None)
     # every model variable used, nothing missing, only the training counter left over
     assert result.skipped == {"global_step": "training counter"}
     assert len(result.state_dict) == len(result.order)
@@ -110,12 +129,28 @@ def test_block_table_matches_the_official_builder(case):
     name, _, _, meta, _ = case
     blocks = spec.blocks(CASES[name][0])
     assert len(blocks) == meta["num_blocks"]
-    kinds = {"MBConv": "mbconv", "MBConvWithoutDepthwise": "edge_residual"}
+    kinds = {
+        "MBConv": "mbconv",
+        "MBConvWithoutDepthwise": "edge_residual",
+        "MBConv+CondConv": "condconv_mbconv",
+        "FusedMBConv": "fused_mbconv",
+    }
+    activation = {"silu": "swish"}.get(meta["activation"], meta["activation"])
     for b, m in zip(blocks, meta["blocks"], strict=True):
         official = (kinds[m["type"]], m["k"], m["s"], m["e"], m["o"])
         assert (b.kind, b.kernel, b.stride, b.expand, b.out_channels) == official
-        assert b.mid_channels == (m["i_nominal"] * m["e"] if m["e"] != 1 else b.in_channels)
-        assert not b.has_se and b.activation == meta["activation"] and b.residual == m["id_skip"]
+        nominal = m.get("i_nominal", m.get("i"))
+        assert b.mid_channels == (nominal * m["e"] if m["e"] != 1 else b.in_channels)
+        assert b.activation == activation
+        if "skip" in m:  # EfficientNetV2 says whether the block adds its input
+            assert b.has_residual == m["skip"]
+        else:  # the TPU repo says whether it may (id_skip)
+            assert b.residual == m["id_skip"]
+        se = m.get("se") if meta["se"] else None
+        assert b.has_se == bool(se)
+        if se:  # of the block's (nominal) input width
+            assert b.se_channels == max(1, int(nominal * se))
+        assert b.experts == (meta["params"].get("condconv_num_experts") or 0 if b.kind == "condconv_mbconv" else 0)
 
 
 def test_wrong_arch_is_refused(case, tmp_path):
@@ -138,11 +173,6 @@ def test_arch_names_in_any_case(case, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["arch"] == arch
 
 
-def test_edge_residual_has_no_timm_rows_yet():
-    with pytest.raises(MappingError, match="no rows for edge_residual blocks"):
-        convert_checkpoint(_fixture("official-edgetpu-s") / "ckpt", layout="timm", variant="standard")
-
-
 @pytest.mark.parametrize(("arch", "num_classes"), list(PARAMETERS))
 def test_parameter_counts(arch, num_classes):
     assert sum(p.numel() for p in create_model(arch, num_classes).parameters()) == PARAMETERS[arch, num_classes]
@@ -154,7 +184,7 @@ def test_parameter_counts_match_the_fixture_variables(name):
     shapes = [json.loads(line.split("\t")[1]) for line in lines if "moving_" not in line and "global_step" not in line]
     arch = CASES[name][0]
     assert sum(int(np.prod(s)) for s in shapes) == sum(p.numel() for p in create_model(arch, 10).parameters())
-    # the released head: 1000 (Lite) or 1001 (EdgeTPU) outputs instead of the fixture's 10
+    # the released head: 1000 (Lite, CondConv, V2) or 1001 (EdgeTPU) outputs instead of the fixture's 10
     classes = 1001 if spec.get_arch(arch).family == "edgetpu" else 1000
     head = spec.head_channels(arch)
     assert sum(int(np.prod(s)) for s in shapes) + (classes - 10) * (head + 1) == PARAMETERS[arch, classes]

@@ -28,7 +28,7 @@ from tests.support.families import registered
 from tests.support.helpers import assert_close, nchw, run_cli
 
 TIMM_PYTHON = PROJECT_ROOT / ".venv-timm" / "bin" / "python"
-# The archs the layout tables were written for (the B family); the Lite and EdgeTPU rows come later.
+# The B family's archs, the only ones transformers has (Lite and EdgeTPU are refused: test_family_layouts.py).
 B_ARCHS = tuple(a for a in spec.ARCH_NAMES if spec.get_arch(a).family == "efficientnet")
 LIBRARY_SIDE = PROJECT_ROOT / "tests" / "support" / "library_side.py"
 FOLDER_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "model.json"}

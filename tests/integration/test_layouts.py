@@ -31,7 +31,7 @@ LIBRARY_SIDE = PROJECT_ROOT / "tests" / "support" / "library_side.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 FILE_LAYOUTS = [name for name in LAYOUT_NAMES if get_layout(name).folder is None]  # hf: test_hf_layout.py
-# The archs the layout tables were written for (the B family); the Lite and EdgeTPU rows come later.
+# The B family's archs; Lite and EdgeTPU: tests/integration/test_family_layouts.py.
 B_ARCHS = tuple(a for a in spec.ARCH_NAMES if spec.get_arch(a).family == "efficientnet")
 
 

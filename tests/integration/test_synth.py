@@ -160,3 +160,30 @@ def test_write_checkpoint_round_trips(tmp_path):
     assert reader.get_variable_to_dtype_map() == {"a/kernel": tf.float32, "z": tf.float32, "global_step": tf.int64}
     for name, value in weights.items():
         assert np.array_equal(reader.get_tensor(name), value)
+
+
+@pytest.mark.parametrize("arch", ["condconv-b0-8e", "v2-s"])
+def test_new_families_layout_scale_and_raw_weights(tmp_path, arch):
+    """CondConv (routing layers, expert kernels) and EfficientNetV2 (fused blocks): the official layout, logits of
+    sane scale for both copies (the routing layers are not rescaled like the classifier), and the raw copy
+    converted with --ema raw gives the TF reference's raw logits."""
+    import torch
+
+    from effconv.convert import convert_checkpoint
+    from effconv.models import create_model
+    from tests.support.helpers import assert_close, nchw
+
+    prefix = write_synthetic_checkpoint(arch, tmp_path, num_classes=10)
+    assert listing(prefix) == expected_listing(official_variable_shapes(arch, 10))
+    for suffix in (EMA, ""):
+        values = logits(arch, prefix, suffix, 96, num_classes=10)
+        assert np.isfinite(values).all() and 0.1 < values.std() < 50, suffix
+    result = convert_checkpoint(prefix, ema="raw", variant="standard")
+    assert result.card["weights"] == "raw" and result.skipped.keys() == {
+        n + EMA for n in official_variable_shapes(arch, 10)
+    } | {"global_step"}
+    model = create_model(arch, 10)
+    model.load_state_dict(result.state_dict)
+    x = np.random.default_rng(96).standard_normal((2, 96, 96, 3), dtype=np.float32)
+    with torch.no_grad():
+        assert_close(model(nchw(x)).numpy(), logits(arch, prefix, "", 96, num_classes=10), what=f"{arch} raw")

@@ -199,3 +199,11 @@ def test_quiet_verify_prints_the_verdict_on_stdout_and_no_tensorflow_noise(fixtu
     assert done.stdout.splitlines() == ["PASS: efficientnet-b0, 1 case(s) within tolerance"]
     assert done.stderr == "", done.stderr
     assert not any(is_noise(line) for line in done.stderr.splitlines())
+
+
+def test_a_report_never_overwrites_the_model_card(fixture_ckpt, artifact):
+    card = artifact.with_suffix(".json")
+    before = card.read_bytes()
+    result = run_cli("verify", "--src", fixture_ckpt, "--weights", artifact, "--report", card)
+    assert result.exit_code == 2 and "would overwrite the weights or their model card" in result.output
+    assert card.read_bytes() == before

@@ -59,7 +59,7 @@ def test_user_tolerance_wins_over_the_dtype_default(fixture_ckpt, tmp_path):
     result = _verify(fixture_ckpt, out, tmp_path / "r.json", "--atol", "1e-3")
     assert result.exit_code == 1, result.output  # 0.0239 > 1e-3: the user asked for float32's limit
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["tolerance_from"] == "--atol/--rtol given" and (report["atol"], report["rtol"]) == (1e-3, 0.0)
+    assert report["tolerance_from"] == "--atol/--rtol given" and (report["atol"], report["rtol"]) == (1e-3, 1e-4)
     result = _verify(fixture_ckpt, out, tmp_path / "r.json", "--rtol", "0.1")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["rtol"] == 0.1
@@ -68,8 +68,8 @@ def test_user_tolerance_wins_over_the_dtype_default(fixture_ckpt, tmp_path):
 def test_resolve_tolerance():
     assert resolve_tolerance("float16", None, None) == (1e-3, 32 * 2.0**-10, "the float16 default")
     assert resolve_tolerance("bfloat16", None, None)[1] == 0.25
-    assert resolve_tolerance(None, None, None) == (1e-3, 0.0, "the float32 default")  # a card from before dtypes
-    assert resolve_tolerance("bfloat16", 0.5, None) == (0.5, 0.0, "--atol/--rtol given")
+    assert resolve_tolerance(None, None, None) == (1e-3, 1e-4, "the float32 default")  # a card from before dtypes
+    assert resolve_tolerance("bfloat16", 0.5, None) == (0.5, 1e-4, "--atol/--rtol given")
     assert resolve_tolerance("float16", None, 0.2) == (1e-3, 0.2, "--atol/--rtol given")
 
 

@@ -9,9 +9,12 @@ this is the libraries' side of the comparison; tests/integration/test_layouts.py
 
 JOBS.json: {"input": "x.npz" (key "x", NCHW float32, already normalised),
             "load": [{"name", "library": "timm"|"mmpretrain"|"hf", "arch", "num_classes", "head_channels",
-                      "weights" (hf: the folder), optional "input": an x.npz of its own}],
-            "keys": {"archs": [...], "libraries": [...], "head_channels": {arch: channels},
-                     "hf_configs": {arch: config.json's object} (for "hf")}}
+                      "weights" (hf: the folder), optional "input": an x.npz of its own,
+                      optional "model": timm's model name or mmpretrain's ImageClassifier config (default:
+                      built from "arch" as for the B family)}],
+            "keys": {"archs": [...] or {library: [...]}, "libraries": [...], "head_channels": {arch: channels},
+                     "hf_configs": {arch: config.json's object} (for "hf"),
+                     optional "models": {library: {arch: "model" as in a load job}}}}
 Writes OUT_DIR/logits.npz (one array per load job) and OUT_DIR/keys.json
 ({library: {arch: {key: shape}}}). "cards": [job of `run_card`] runs model cards' own create lines:
 OUT_DIR/cards.json (the data config each yields), OUT_DIR/card_logits.npz, OUT_DIR/model_names.json.
@@ -31,12 +34,17 @@ import torch
 warnings.filterwarnings("ignore")  # mmcv-lite warns about the compiled ops it lacks
 
 
-def build(library: str, arch: str, num_classes: int, head_channels: int, device: str = "cpu") -> torch.nn.Module:
+def build(
+    library: str, arch: str, num_classes: int, head_channels: int, device: str = "cpu", model=None
+) -> torch.nn.Module:
+    """A fresh model: timm's `model` (a name; default `tf_efficientnet_<arch>`) or mmpretrain's (an ImageClassifier
+    config, its head sized for `num_classes`; default the B family's backbone of `arch`)."""
     with torch.device(device):
         if library == "timm":
             import timm
 
-            return timm.create_model(f"tf_efficientnet_{arch}", pretrained=False, num_classes=num_classes).eval()
+            name = model or f"tf_efficientnet_{arch}"
+            return timm.create_model(name, pretrained=False, num_classes=num_classes).eval()
         from mmpretrain.models import build_classifier
 
         head = (
@@ -46,6 +54,7 @@ def build(library: str, arch: str, num_classes: int, head_channels: int, device:
             "type": "ImageClassifier",
             "backbone": {"type": "EfficientNet", "arch": arch},
             "neck": {"type": "GlobalAveragePooling"},
+            **(model or {}),
             "head": head,
         }
         return build_classifier(cfg).eval()
@@ -114,12 +123,14 @@ def run_card(job: dict) -> tuple[dict, np.ndarray | None]:
     "weights" (None: no file; the statements then build on the meta device, only the config counts),
     "input" (an .npz with "x", NCHW, to run the model on; optional)}.
     """
+    import mmengine
     import safetensors.torch
     import timm
     import timm.data
     from mmpretrain import get_model
 
-    scope = {"timm": timm, "get_model": get_model, "safetensors": safetensors, "weights": job["weights"]}
+    scope = {"timm": timm, "get_model": get_model, "mmengine": mmengine, "safetensors": safetensors}
+    scope["weights"] = job["weights"]
     with torch.device("cpu" if job["weights"] else "meta"):
         exec(job["statements"], scope)  # the card's line, as the user pastes it
     model = scope["model"].eval()
@@ -138,7 +149,8 @@ def run_card(job: dict) -> tuple[dict, np.ndarray | None]:
 
 def run_cards(jobs: list[dict], out: Path) -> None:
     """Every card job: OUT_DIR/cards.json ({name: data config}), OUT_DIR/card_logits.npz, and
-    OUT_DIR/model_names.json: the pretrained names each library has, for effconv's tables of them."""
+    OUT_DIR/model_names.json: the pretrained names each library has, for effconv's tables of them (and
+    mmpretrain's EfficientNet config names, under "mmpretrain_configs")."""
     configs, logits = {}, {}
     for job in jobs:
         configs[job["name"]], got = run_card(job)
@@ -150,7 +162,12 @@ def run_cards(jobs: list[dict], out: Path) -> None:
     import mmpretrain
     import timm
 
-    names = {"timm": timm.list_pretrained("tf_efficientnet_*"), "mmpretrain": mmpretrain.list_models("efficientnet*")}
+    configs = Path(mmpretrain.__file__).parent / ".mim" / "configs"  # the config files get_model and users name
+    names = {
+        "timm": timm.list_pretrained("tf_efficientnet_*") + timm.list_pretrained("tf_efficientnetv2_*"),
+        "mmpretrain": mmpretrain.list_models("efficientnet*"),
+        "mmpretrain_configs": sorted(p.stem for p in configs.glob("efficientnet*/*.py")),
+    }
     (out / "model_names.json").write_text(json.dumps(names))
 
 
@@ -165,7 +182,9 @@ def main(jobs_path: str, out_dir: str) -> None:
             if job["library"] == "hf":
                 model = load_hf(job["weights"])
             else:
-                model = build(job["library"], job["arch"], job["num_classes"], job["head_channels"])
+                model = build(
+                    job["library"], job["arch"], job["num_classes"], job["head_channels"], model=job.get("model")
+                )
                 load(model, job["library"], job["weights"])
             if "input" in job:
                 with np.load(job["input"]) as data:
@@ -179,15 +198,17 @@ def main(jobs_path: str, out_dir: str) -> None:
     keys: dict[str, dict[str, dict[str, list[int]]]] = {}
     spec = jobs.get("keys") or {}
     for library in spec.get("libraries", []):
-        for arch in spec.get("archs", []):
+        archs = spec.get("archs", [])
+        for arch in archs.get(library, []) if isinstance(archs, dict) else archs:
             # timm builds on the meta device; mmpretrain's builder calls .item(), so it needs real
             # tensors: random initialisation (seconds for l2) is skipped, only names and shapes count.
             channels = spec["head_channels"][arch]
+            named = spec.get("models", {}).get(library, {}).get(arch)
             with no_random_init():
                 if library == "hf":
                     model = build_hf(spec["hf_configs"][arch], "meta")
                 else:
-                    model = build(library, arch, 1000, channels, "meta" if library == "timm" else "cpu")
+                    model = build(library, arch, 1000, channels, "meta" if library == "timm" else "cpu", named)
             keys.setdefault(library, {})[arch] = {k: list(v.shape) for k, v in model.state_dict().items()}
             del model
     (out / "keys.json").write_text(json.dumps(keys))

@@ -59,9 +59,10 @@ def test_not_an_efficientnet():
 
 
 def test_sizes_that_agree_in_shape_are_told_apart_by_their_names():
-    # b0 and lite0 have the same blocks, stem and head: without an official prefix the variables decide
-    # (lite0 has no squeeze-excite).
-    for arch in ("b0", "lite0"):
+    # b0, lite0 and the CondConv b0s have the same blocks, stem and head: without an official prefix the
+    # variables decide (lite0 has no squeeze-excite, CondConv has expert kernels, 4 or 8 of them).
+    for arch in ("b0", "lite0", "condconv-b0-4e", "condconv-b0-8e", "b1", "condconv-b0-8e-depth"):
         assert detect_layout(shapes_of(arch, prefix="model")).arch == arch
     assert detect_layout(shapes_of("edgetpu-m", prefix="")).arch == "edgetpu-m"
-    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0"]
+    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0", "condconv-b0-4e", "condconv-b0-8e"]
+    assert spec.archs_of_shape(23, 32, 1280) == ["b1", "condconv-b0-8e-depth"]

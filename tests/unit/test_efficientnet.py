@@ -31,6 +31,18 @@ PARAMETERS = {
     "edgetpu-s": 5_438_392,
     "edgetpu-m": 6_899_496,
     "edgetpu-l": 10_589_712,
+    # equal to timm's published counts (tf_efficientnet_cc_*, tf_efficientnetv2_*: README table)
+    "condconv-b0-4e": 13_314_116,
+    "condconv-b0-8e": 24_013_284,
+    "condconv-b0-8e-depth": 39_715_968,
+    "v2-b0": 7_139_704,
+    "v2-b1": 8_141_052,
+    "v2-b2": 10_096_086,
+    "v2-b3": 14_358_406,
+    "v2-s": 21_458_488,
+    "v2-m": 54_139_356,
+    "v2-l": 118_515_272,
+    "v2-xl": 208_119_808,
 }
 
 

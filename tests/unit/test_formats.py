@@ -18,13 +18,14 @@ def test_find_format_by_name_and_signature(tmp_path, fixture_ckpt):
     hdf5 = tmp_path / "weights.bin"
     hdf5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
     assert formats.find_format(hdf5).name == "keras-h5"  # by signature
-    with pytest.raises(UsageError, match="Keras 3 .keras archive"):
-        formats.find_format(tmp_path / "model.keras")
+    assert formats.find_format(tmp_path / "model.keras").name == "keras3-archive"  # Keras 3 (issue 13)
+    assert formats.find_format(tmp_path / "model.weights.h5").name == "keras3-weights"
 
 
 def test_get_format_and_names():
     names = [f.name for f in formats.FORMATS]
-    assert names == ["keras-h5", "tf-checkpoint"] and formats.FORMATS[-1].sniff(Path("anything"))
+    assert names == ["keras3-archive", "keras3-weights", "keras3-saved-model", "keras-h5", "tf-checkpoint"]
+    assert formats.FORMATS[-1].sniff(Path("anything"))
     assert formats.get_format("keras-h5").title == "Keras .h5"
     with pytest.raises(UsageError, match="unknown source format 'onnx'"):
         formats.get_format("onnx")

@@ -113,3 +113,18 @@ def test_layout_transposes_equal_numpy_into_fresh_or_given_memory(transform, sha
     assert transforms.apply(transform, a, out=given) is given
     for got in (fresh, given):
         assert got.flags.c_contiguous and np.array_equal(got, expected)
+
+
+def test_expert_kernels_become_flat_oihw_rows():
+    """CondConv: each expert's flat HWIO (or [k, k, C, 1] depthwise) kernel becomes a flat OIHW row."""
+    rng = np.random.default_rng(0)
+    conv = rng.standard_normal((4, 3 * 3 * 5 * 7), dtype=np.float32)
+    out = transforms.apply("expert_conv:3:7", conv)
+    assert out.shape == (4, 7 * 5 * 3 * 3) and transforms.target_shape("expert_conv:3:7", conv.shape) == out.shape
+    for e in range(4):
+        assert np.array_equal(out[e], transforms.apply("conv", conv[e].reshape(3, 3, 5, 7)).reshape(-1))
+    dw = rng.standard_normal((8, 5 * 5 * 6), dtype=np.float32)
+    out = transforms.apply("expert_depthwise:5", dw)
+    assert np.array_equal(out[3], transforms.apply("depthwise", dw[3].reshape(5, 5, 6, 1)).reshape(-1))
+    assert transforms.target_shape("expert_conv:3:7", (4, 100)) is None  # not 3 * 3 * in * 7
+    assert not transforms.is_copy("expert_depthwise:5") and transforms.is_copy("copy")

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from effconv.errors import UsageError
 from effconv.variants import ADVPROP_MEAN, ADVPROP_STD, IMAGENET_MEAN, IMAGENET_STD
+from effconv.zoo import legacy_bicubic
 from effconv.zoo import preprocess as pp
 
 TOL = 1e-3  # pixels have a known scale, 0-255: 1e-3 is 4e-6 of it (measured: 0 with oneDNN on and off)
@@ -36,22 +38,22 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> float:
 # ---- resize -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "in_hw, out_hw",
-    [
-        ((328, 328), (224, 224)),  # the b0 crop of a 500x375 photo
-        ((375, 500), (224, 224)),  # non-square down
-        ((50, 60), (300, 300)),  # up
-        ((521, 521), (475, 475)),
-        ((613, 757), (800, 800)),  # up, L2's size
-        ((13, 17), (224, 300)),  # far up, non-square out
-        ((1, 7), (5, 9)),  # one-pixel-high: every row index clamps
-        ((7, 1), (3, 4)),
-        ((1, 1), (4, 4)),
-        ((3, 5), (1, 1)),
-        ((40, 40), (40, 40)),  # identity
-    ],
-)
+RESIZE_CASES = [
+    ((328, 328), (224, 224)),  # the b0 crop of a 500x375 photo
+    ((375, 500), (224, 224)),  # non-square down
+    ((50, 60), (300, 300)),  # up
+    ((521, 521), (475, 475)),
+    ((613, 757), (800, 800)),  # up, L2's size
+    ((13, 17), (224, 300)),  # far up, non-square out
+    ((1, 7), (5, 9)),  # one-pixel-high: every row index clamps
+    ((7, 1), (3, 4)),
+    ((1, 1), (4, 4)),
+    ((3, 5), (1, 1)),
+    ((40, 40), (40, 40)),  # identity
+]
+
+
+@pytest.mark.parametrize("in_hw, out_hw", RESIZE_CASES)
 def test_resize_matches_tf(tf, in_hw, out_hw):
     image = np.random.default_rng(sum(in_hw + out_hw)).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
     ours = pp.resize_bicubic_tf1(image, *out_hw)
@@ -73,6 +75,67 @@ def test_resize_overshoots_unclipped(tf):
     ours = pp.resize_bicubic_tf1(image, 47, 47)
     assert ours.max() > 255 and ours.min() < 0  # the cubic's ringing is kept, as in TF
     assert max_diff(ours, tf_resize(tf, image, 47, 47)) <= TOL
+
+
+@pytest.mark.parametrize("in_hw, out_hw", RESIZE_CASES)
+def test_every_resize_path_is_bit_identical_to_tf(tf, in_hw, out_hw):
+    """The sparse CPU path, the numpy reference and torch (CPU tensors) give TF's floats exactly."""
+    image = np.random.default_rng(sum(in_hw + out_hw) + 1).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+    theirs = tf_resize(tf, image, *out_hw)
+    paths = {
+        "fast": pp.resize_bicubic_tf1(image, *out_hw),
+        "reference": legacy_bicubic.resize_reference(image, *out_hw),
+        "torch": legacy_bicubic.resize_torch(torch.from_numpy(image), *out_hw).permute(1, 2, 0).numpy(),
+    }
+    for name, ours in paths.items():
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape, name
+        assert max_diff(ours, theirs) == 0.0, name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16])
+def test_torch_resize_any_dtype_and_channels(tf, dtype):
+    image = (np.random.default_rng(2).random((23, 31, 4)) * 1000 - 300).astype(dtype)
+    ours = legacy_bicubic.resize_torch(torch.from_numpy(image), 40, 17)
+    assert ours.dtype == torch.float32 and ours.shape == (4, 40, 17)
+    assert max_diff(ours.permute(1, 2, 0).numpy(), tf_resize(tf, image, 40, 17)) == 0.0
+
+
+def test_resize_result_is_a_channels_first_array_seen_as_hwc():
+    """NCHW consumers get the channels-first array back without a copy."""
+    out = pp.preprocess(np.random.default_rng(4).integers(0, 256, (90, 120, 3), dtype=np.uint8), 64)
+    assert out.shape == (64, 64, 3)
+    chw = np.ascontiguousarray(out.transpose(2, 0, 1))
+    assert chw.flags.c_contiguous and np.shares_memory(chw, out)
+
+
+def test_sparse_kernel_probe_accepts_scipy_and_refuses_fused_or_foreign_kernels():
+    from scipy.sparse._sparsetools import csr_matvecs
+
+    assert legacy_bicubic._rounds_like_tf(csr_matvecs)
+
+    def fused(n_row, n_col, n_vecs, pointers, columns, values, x, y):
+        """Sums in float64 and rounds once: what a build fusing `y + a * x` into FMAs approaches."""
+        x64, out = x.reshape(n_col, n_vecs).astype(np.float64), y.reshape(n_row, n_vecs)
+        for row in range(n_row):
+            span = slice(pointers[row], pointers[row + 1])
+            out[row] += (values[span, None].astype(np.float64) * x64[columns[span]]).sum(axis=0).astype(np.float32)
+
+    def reordered(n_row, n_col, n_vecs, pointers, columns, values, x, y):
+        order = np.arange(len(columns)).reshape(-1, 4)[:, ::-1].ravel()  # the right sum, taps last to first
+        csr_matvecs(n_row, n_col, n_vecs, pointers, columns[order].copy(), values[order].copy(), x, y)
+
+    def other_signature(matrix, x):
+        return matrix @ x
+
+    for kernel in (fused, reordered, other_signature):
+        assert not legacy_bicubic._rounds_like_tf(kernel), kernel.__name__
+
+
+def test_torch_crop_rejects_bad_shapes():
+    with pytest.raises(UsageError, match="HxWx3"):
+        pp.preprocess_crop_torch(torch.zeros(4, 4, dtype=torch.uint8), 8)
+    with pytest.raises(UsageError, match="HxWx3"):
+        pp.preprocess_crop_torch(torch.zeros(4, 4, 4, dtype=torch.uint8), 8)
 
 
 def test_resize_rejects_bad_shapes():

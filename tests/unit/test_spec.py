@@ -10,6 +10,10 @@ BLOCK_COUNTS = {"b0": 16, "b1": 23, "b2": 23, "b3": 26, "b4": 32, "b5": 39, "b6"
 # Lite (first and last stage not depth-scaled) and EdgeTPU, from the official builders' tables.
 BLOCK_COUNTS |= {"lite0": 16, "lite1": 21, "lite2": 21, "lite3": 24, "lite4": 30}
 BLOCK_COUNTS |= {"edgetpu-s": 18, "edgetpu-m": 24, "edgetpu-l": 27}
+# CondConv (B0's table, depth 1.1 for -depth) and EfficientNetV2 (effnetv2_configs.py: b0-b3 scale the base
+# table, S/M/L/XL have their own)
+BLOCK_COUNTS |= {"condconv-b0-4e": 16, "condconv-b0-8e": 16, "condconv-b0-8e-depth": 23}
+BLOCK_COUNTS |= {"v2-b0": 21, "v2-b1": 27, "v2-b2": 28, "v2-b3": 32, "v2-s": 40, "v2-m": 57, "v2-l": 79, "v2-xl": 100}
 STEM_HEAD = {
     "b0": (32, 1280),
     "b2": (32, 1408),
@@ -20,6 +24,11 @@ STEM_HEAD = {
     "b7": (64, 2560),
     "b8": (72, 2816),
     "l2": (136, 5504),
+    "v2-b2": (32, 1408),
+    "v2-b3": (40, 1536),
+    "v2-s": (24, 1280),  # the stem takes the first stage's input width
+    "v2-m": (24, 1280),
+    "v2-xl": (32, 1280),
 }
 
 
@@ -69,7 +78,7 @@ def test_unknown_arch_is_a_usage_error():
 def test_the_b_family_keeps_its_figures():
     from effconv.models.families import FAMILIES
 
-    assert list(FAMILIES) == ["efficientnet", "lite", "edgetpu"]
+    assert list(FAMILIES) == ["efficientnet", "lite", "edgetpu", "condconv", "v2"]
     family = spec.family_of("b5")
     b_archs = [s.name for s in family.sizes]
     assert b_archs == list(spec.ARCH_NAMES)[: len(b_archs)]
@@ -85,7 +94,9 @@ def test_official_names_resolve_to_the_short_ones():
     assert spec.get_arch("efficientnet-l2").name == "l2" and spec.get_arch("EfficientNet_B5").name == "b5"
     assert spec.official_name("b5") == "efficientnet-b5"
     assert spec.OFFICIAL_NAMES["efficientnet-b0"] == "b0" and len(spec.OFFICIAL_NAMES) == len(spec.ARCH_NAMES)
-    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0"] and spec.archs_of_shape(23, 32, 1280) == ["b1"]
+    assert spec.archs_of_shape(16, 32, 1280) == ["b0", "lite0", "condconv-b0-4e", "condconv-b0-8e"]
+    assert spec.get_arch("efficientnetv2-s").name == "v2-s" and spec.official_name("v2-xl") == "efficientnetv2-xl"
+    assert spec.get_arch("EfficientNet-CondConv-B0-8E-Depth").name == "condconv-b0-8e-depth"
     # EdgeTPU's official names end in a capital letter; the short names are lower case
     assert (
         spec.official_name("edgetpu-m") == "efficientnet-edgetpu-M" and spec.get_arch("EDGETPU-M").name == "edgetpu-m"
