@@ -769,7 +769,13 @@ def hostile_h5(original: Path, directory: Path, kind: str) -> Path:
     path = directory / f"{kind}.h5"
     shutil.copy(original, path)
     with h5py.File(path, "r+") as f:
-        group = f["model_weights/predictions/sequential/predictions"]
+        # the kernel's group: `.../predictions/<model scope>/predictions`, the scope named by Keras's process-wide
+        # counter (`sequential`, or `sequential_3` when other models were built before in this process)
+        found: list[str] = []
+        f["model_weights/predictions"].visititems(
+            lambda name, obj: found.append(name) if name.endswith("kernel") else None
+        )
+        group = f["model_weights/predictions"][found[0].rpartition("/")[0]]
         del group["kernel"]
         if kind == "huge-chunked":  # declared 320 GiB, stores nothing: reading it allocates all of it
             group.create_dataset("kernel", shape=(2**34, 5), dtype="<f4", chunks=(1024, 5))
