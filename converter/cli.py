@@ -605,6 +605,12 @@ def predict(weights, images, top_k, device, class_names_file, as_json):
     help="autocast to bfloat16/float16: faster on GPUs, not the exact path (the result says so)",
 )
 @click.option(
+    "--resize-on-device",
+    is_flag=True,
+    help="decode and crop on the CPU workers, resize and normalise on --device (a GPU): the same bits, less CPU "
+    "work per image",
+)
+@click.option(
     "--against-tf",
     is_flag=True,
     help="also run every image through TensorFlow (its own preprocessing ops, effconv's TF reference model from "
@@ -632,6 +638,7 @@ def eval_command(
     predictions,
     nproc,
     amp,
+    resize_on_device,
     against_tf,
     src,
     out,
@@ -678,7 +685,7 @@ def eval_command(
         _check_devices_for(nproc, resolved)
         values = dict(labels=labels_file, workers=workers, limit=limit, device=device, predictions=predictions)
         values.update({"class-map": class_map_file, "amp": amp, "out": out})
-        flags = {"--skip-bad": skip_bad, "--force": force, "-q": quiet}
+        flags = {"--skip-bad": skip_bad, "--force": force, "-q": quiet, "--resize-on-device": resize_on_device}
         options = [x for name, value in values.items() if value is not None for x in (f"--{name}", str(value))]
         argv = ["eval", "--weights", weights, "--data", data, "--batch-size", str(batch_size), *options]
         code = distributed.launch_here(nproc, [*argv, *(flag for flag, on in flags.items() if on)])
@@ -702,6 +709,7 @@ def eval_command(
                 class_map_file=class_map_file,
                 predictions=predictions,
                 amp=amp,
+                resize_on_device=resize_on_device,
                 against_tf_src=src if against_tf else None,
             )
         except EffconvError as e:

@@ -12,6 +12,8 @@ For each arch:
   exact       `evaluate` on --device, float32, TF32 off, after a warm-up batch: images/s end to end
               (decode + preprocessing in --workers DataLoader workers + model), peak GPU memory;
   amp         the same with --amp (bf16 by default);
+  on_device   the exact path with --resize-on-device (decode and crop on the workers, the resize on the GPU):
+              its predictions must equal the exact path's, and its input the CPU path's bit for bit;
   model-only  the model alone on a device-resident random batch, exact and AMP: what the GPU could do if the
               preprocessing kept up;
   torchrun    `torchrun --standalone --nproc-per-node 1 -m effconv eval` on the first batches (nccl on CUDA,
@@ -53,6 +55,7 @@ from effconv.models import create_model, load
 from effconv.models.spec import get_arch
 from effconv.output.artifact import write_artifact
 from effconv.variants import preprocessing
+from effconv.zoo import pipelines
 from effconv.zoo.evaluation import AMP_DTYPES, evaluate
 from effconv.zoo.inference import prepare
 
@@ -221,6 +224,7 @@ def _check(weights: Path, data: Path, folder: Path, device: torch.device, size: 
         "cpu": dict(device="cpu", limit=cpu_images),
         "exact": dict(device=device),
         "amp": dict(device=device, amp=args.amp),
+        "on_device": dict(device=device, resize_on_device=True),  # --resize-on-device: the resize on the GPU
     }
     for name, options in runs.items():
         predictions = folder / f"{name}.jsonl"
@@ -248,7 +252,10 @@ def _check(weights: Path, data: Path, folder: Path, device: torch.device, size: 
         "exact_vs_cpu": _agreement(rows["exact"], rows["cpu"]),
         "amp_vs_cpu": _agreement(rows["amp"], rows["cpu"]),
         "amp_vs_exact": _agreement(rows["amp"], rows["exact"]),
+        "resize_on_device_vs_exact": _agreement(rows["on_device"], rows["exact"]),
     }
+    figures["resize_on_device_bits"] = _resize_bits(weights, data, device)
+    print(f"resize on the device vs the CPU path: {json.dumps(figures['resize_on_device_bits'])}")
     for pair, agreement in figures["agreement"].items():
         print(f"{pair:>13}: {json.dumps(agreement)}")
     figures["model_only"] = _model_only(weights, device, size, batch, args.amp)
@@ -257,6 +264,20 @@ def _check(weights: Path, data: Path, folder: Path, device: torch.device, size: 
         figures["torchrun"] = _torchrun(weights, data, folder, device, batch, rows["exact"])
         print(f"torchrun (1 process): {json.dumps(figures['torchrun'])}")
     return figures
+
+
+def _resize_bits(weights: Path, data: Path, device: torch.device, count: int = 16) -> dict:
+    """The model's input from `pipelines.prepare` (CPU) and `prepare_on_device` (the crop resized on `device`)."""
+    settings = load(weights).card.preprocessing.to_json()
+    files = sorted(p for p in data.rglob("*") if p.is_file())[:count]
+    worst, equal = 0.0, 0
+    for path in files:
+        on_cpu = torch.from_numpy(pipelines.prepare(path, settings))
+        on_device = pipelines.prepare_on_device(torch.from_numpy(pipelines.crop(path, settings)).to(device), settings)
+        on_device = on_device.cpu()
+        worst = max(worst, float((on_device.double() - on_cpu.double()).abs().max()))
+        equal += bool(torch.equal(on_device.view(torch.int32), on_cpu.view(torch.int32)))
+    return {"images": len(files), "bit_identical": equal, "max_abs_difference": worst}
 
 
 def _rows(path: Path) -> dict[str, dict]:

@@ -119,17 +119,17 @@ def tf_preprocess(path: str | os.PathLike, preprocessing: dict) -> np.ndarray:
     `bilinear-tf2` cards (EfficientNetV2 S-XL): automl's `preprocess_for_eval`, a centre crop unless the card
     says `crop` "none" (offsets floor((h - side) / 2) with `crop_offset` "floor"), then `tf.image.resize`.
     """
-    from effconv.zoo.inference import INTERPOLATIONS
+    from effconv.zoo.pipelines import pipeline_of
+
+    recipe = TF_PIPELINES[pipeline_of(preprocessing).interpolation]
+    return recipe.run(path, preprocessing, int(preprocessing["image_size"]))
+
+
+def _tpu_eval(path: str | os.PathLike, preprocessing: dict, size: int) -> np.ndarray:
     from effconv.zoo.preprocess import preprocess_tf
 
-    size = int(preprocessing["image_size"])
-    interpolation = preprocessing.get("interpolation") or INTERPOLATIONS[0]
-    if interpolation == INTERPOLATIONS[0]:
-        padding = preprocessing.get("crop_padding", 32)
-        return preprocess_tf(path, size, preprocessing["mean"], preprocessing["std"], padding)
-    if interpolation != INTERPOLATIONS[1]:
-        raise UsageError(f"the card's preprocessing names interpolation {interpolation!r}, unknown to --against-tf")
-    return _automl_eval(path, preprocessing, size)
+    padding = preprocessing.get("crop_padding", 32)
+    return preprocess_tf(path, size, preprocessing["mean"], preprocessing["std"], padding)
 
 
 def _automl_eval(path: str | os.PathLike, preprocessing: dict, size: int) -> np.ndarray:
@@ -149,6 +149,28 @@ def _automl_eval(path: str | os.PathLike, preprocessing: dict, size: int) -> np.
     resized = tf.image.resize(image, [size, size])  # TF2: bilinear, half-pixel centres, float32
     mean = tf.constant(preprocessing["mean"], tf.float32)
     return ((resized - mean) / tf.constant(preprocessing["std"], tf.float32)).numpy()
+
+
+def _automl_steps(preprocessing: dict) -> str:
+    crop = "no crop" if preprocessing.get("crop") == "none" else "automl's centre crop"
+    return f"tf.io.decode_image, {crop}, tf.image.resize (bilinear), (x - mean) / std"
+
+
+@dataclass(frozen=True)
+class _TFPipeline:
+    """TensorFlow's own ops for one of `pipelines.PIPELINES` (keyed alike), and how the result names them."""
+
+    run: Callable[[str | os.PathLike, dict, int], np.ndarray]
+    steps: Callable[[dict], str]
+
+
+TF_PIPELINES = {
+    "bicubic-tf1-legacy": _TFPipeline(
+        _tpu_eval,
+        lambda _: "tf.io.decode_image, centre crop (float32 size), tf.compat.v1.image.resize_bicubic, (x - mean) / std",
+    ),
+    "bilinear-tf2": _TFPipeline(_automl_eval, _automl_steps),
+}
 
 
 class AgainstTF:
@@ -261,12 +283,9 @@ class AgainstTF:
         }
 
     def _pipeline(self) -> str:
-        from effconv.zoo.inference import INTERPOLATIONS
+        from effconv.zoo.pipelines import pipeline_of
 
-        if (self.preprocessing.get("interpolation") or INTERPOLATIONS[0]) == INTERPOLATIONS[0]:
-            return "tf.io.decode_image, centre crop (float32 size), tf.compat.v1.image.resize_bicubic, (x - mean) / std"
-        crop = "no crop" if self.preprocessing.get("crop") == "none" else "automl's centre crop"
-        return f"tf.io.decode_image, {crop}, tf.image.resize (bilinear), (x - mean) / std"
+        return TF_PIPELINES[pipeline_of(self.preprocessing).interpolation].steps(self.preprocessing)
 
 
 def _fraction(count: int, total: int) -> float | None:

@@ -40,7 +40,7 @@ import torch
 
 from effconv import __version__
 from effconv.errors import UsageError
-from effconv.zoo import distributed
+from effconv.zoo import distributed, legacy_bicubic, pipelines
 from effconv.zoo.devices import resolve_device
 from effconv.zoo.inference import IMAGE_SUFFIXES, card_preprocessing, imagenet_classes, images_in, prepare
 from effconv.zoo.predictions import TOP, PredictionsFile, rounded
@@ -163,21 +163,36 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decoded and preprocessed images with their labels (picklable, for DataLoader workers).
 
     An image that cannot be read gives zeros and its one-line error (else ""): the error reaches the main
-    process as data, not as a worker's traceback, and the caller decides to stop or skip.
+    process as data, not as a worker's traceback, and the caller decides to stop or skip. `crops_only`: each
+    item is the decoded crop (HxWx3 uint8 tensor, sizes differ), resized later on the model's device
+    (`pipelines.prepare_on_device`); batch them with `collate_crops`.
     """
 
-    def __init__(self, files: tuple[Path, ...], labels: tuple[int, ...], preprocessing: dict):
+    def __init__(self, files: tuple[Path, ...], labels: tuple[int, ...], preprocessing: dict, crops_only=False):
         self.files, self.labels, self.preprocessing = files, labels, preprocessing
+        self.crops_only = crops_only
+        if not crops_only:
+            legacy_bicubic.fast_kernel()  # compiled (or loaded) once here: forked workers inherit it
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
+            if self.crops_only:
+                return torch.from_numpy(pipelines.crop(self.files[index], self.preprocessing)), self.labels[index], ""
             return torch.from_numpy(prepare(self.files[index], self.preprocessing)), self.labels[index], ""
         except UsageError as e:
+            if self.crops_only:
+                return torch.zeros(1, 1, 3, dtype=torch.uint8), self.labels[index], str(e)
             size = int(self.preprocessing["image_size"])
             return torch.zeros(3, size, size), self.labels[index], str(e)
+
+
+def collate_crops(items: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    """A batch of `ImageDataset(crops_only=True)` items: the crops as a list (their sizes differ)."""
+    crops, labels, errors = zip(*items, strict=True)
+    return list(crops), torch.tensor(labels), list(errors)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -247,6 +262,7 @@ def evaluate(
     predictions: str | os.PathLike | None = None,
     amp: str | None = None,
     against_tf: AgainstTF | None = None,
+    resize_on_device: bool = False,
 ) -> EvalResult:
     """Accuracy of `model` (with its card) on the images under `data`; `limit` keeps the first N.
 
@@ -262,8 +278,12 @@ def evaluate(
     `against_tf` (one process, exact path only): each batch PyTorch read goes through TensorFlow too, and the
     result's `against_tf` holds the comparison (`AgainstTF.summary`); images resumed from `predictions` are not
     compared.
+
+    `resize_on_device`: the DataLoader workers decode and crop; the resize and mean/std run on `device` in torch
+    (for a GPU: less CPU work per image), giving the same bits as the CPU path.
     """
     settings = card_preprocessing(model)
+    pipelines.pipeline_of(settings)  # a card naming an unknown interpolation stops here, before any image
     device = resolve_device(device)
     if amp is not None and amp not in AMP_DTYPES:
         raise UsageError(f"--amp {amp}: one of {', '.join(AMP_DTYPES)}")
@@ -307,7 +327,9 @@ def evaluate(
                 report(tally.done, len(images.names))
 
         loader = {"batch_size": batch_size, "num_workers": workers, "pin_memory": device.type == "cuda"}
-        seconds, peak = _evaluate_share(model, images, todo, settings, loader, device, amp, step, against_tf)
+        seconds, peak = _evaluate_share(
+            model, images, todo, settings, loader, device, amp, step, against_tf, resize_on_device
+        )
         if not tally.seen:
             error = f"none of the {len(images.files)} images could be read (first: {tally.skipped[0]['error']})"
             raise distributed.on_every_rank(UsageError(error))
@@ -326,6 +348,7 @@ def evaluate(
         "processes": ranks.world_size,
         "exact": amp is None,
         "amp": amp,
+        "resize_on_device": resize_on_device,
         "evaluated": len(todo),
         "resumed": len(done),
         "skipped_count": len(tally.skipped),
@@ -354,17 +377,24 @@ class _Images:
         return tuple(path.relative_to(self.root).as_posix() for path in self.files)
 
 
-def _evaluate_share(model, images: _Images, todo: list[int], settings, loader: dict, device, amp, step, against):
+def _evaluate_share(
+    model, images: _Images, todo: list[int], settings, loader: dict, device, amp, step, against, resize_on_device
+):
     """This process's share of the images `todo`, in step with the other processes; (seconds, peak GPU memory).
 
     Every process takes the same number of steps (the last ones of a smaller share are empty); after each,
     `step` gets the rows of every process's batch. `against` (an AgainstTF, or None) sees each batch's logits.
+    `resize_on_device`: the workers decode and crop, the resize and mean/std run on `device`.
     """
     ranks = distributed.current()
     mine = distributed.share(todo, ranks)
     steps = -(-distributed.largest_share(len(todo), ranks.world_size) // loader["batch_size"])
     names = images.names
-    dataset = ImageDataset(tuple(images.files[i] for i in mine), tuple(images.labels[i] for i in mine), settings)
+    files, labels = tuple(images.files[i] for i in mine), tuple(images.labels[i] for i in mine)
+    dataset = ImageDataset(files, labels, settings, crops_only=resize_on_device)
+    if resize_on_device:
+        loader = {**loader, "collate_fn": collate_crops}
+    inputs = functools.partial(_inputs, device, settings if resize_on_device else None)
     batches, position = iter(torch.utils.data.DataLoader(dataset, shuffle=False, **loader)), 0
     with _on_device(model, device, exact=amp is None) as model:
         start = time.perf_counter()
@@ -379,7 +409,7 @@ def _evaluate_share(model, images: _Images, todo: list[int], settings, loader: d
                     if against is not None:
                         files, labels = [images.files[i] for i in chosen], [images.labels[i] for i in chosen]
                         watch = functools.partial(against.add, files, labels)
-                    rows = _rows(model, batch, [names[i] for i in chosen], device, watch)
+                    rows = _rows(model, batch, [names[i] for i in chosen], inputs, watch)
                     position += count
                 step([row for part in distributed.all_gather(rows) for row in part])
         seconds = time.perf_counter() - start
@@ -400,19 +430,35 @@ def _device_details(device, amp: str | None, peak: int | None) -> dict:
     return details
 
 
-def _rows(model, batch, names: list[str], device: torch.device, watch=None) -> list[dict]:
+def _inputs(device: torch.device, on_device: dict | None, images, readable: torch.Tensor):
+    """The model's input for the readable images of a batch, on `device`; and what `watch` is shown of it.
+
+    `on_device` (the card's preprocessing): `images` are crops, resized there; else a preprocessed NCHW batch.
+    """
+    if on_device is not None:
+        kept = [crop for crop, ok in zip(images, readable.tolist(), strict=True) if ok]
+        with torch.autocast(device.type, enabled=False):  # the exact float32 resize, whatever --amp says
+            x = torch.stack([pipelines.prepare_on_device(c.to(device, non_blocking=True), on_device) for c in kept])
+        shown = x
+    else:
+        shown = images if readable.all() else images[readable]  # as loaded: pinned for the non-blocking copy
+        x = shown.to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout of the weights, for cuDNN
+    return x, shown
+
+
+def _rows(model, batch, names: list[str], inputs, watch=None) -> list[dict]:
     """The per-image rows of one batch, in its order: top-5 classes and probabilities, or the reading error.
 
-    `watch(readable, x, logits)`, when given, sees which images were read, their input and their logits.
+    `inputs(images, readable)` gives the model's input (see `_inputs`). `watch(readable, x, logits)`, when given,
+    sees which images were read, their input and their logits.
     """
     images, target, errors = batch
     readable = torch.tensor([not error for error in errors], dtype=torch.bool)
     outputs = iter(())
     if readable.any():
-        loaded = images if readable.all() else images[readable]  # as loaded: pinned for the non-blocking copy
-        x = loaded.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)  # the layout of the weights, for cuDNN
+        x, loaded = inputs(images, readable)
         logits = model(x).float()
         if watch is not None:
             watch(readable.tolist(), loaded, logits)

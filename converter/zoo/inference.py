@@ -12,7 +12,7 @@ import torch
 
 from effconv.card import ModelCard
 from effconv.errors import UsageError
-from effconv.zoo.preprocess import decode_image, normalize, preprocess
+from effconv.zoo.pipelines import INTERPOLATIONS, prepare  # noqa: F401 (re-exported: prepare is public)
 
 IMAGENET_CLASSES_PATH = Path(__file__).with_name("imagenet_classes.tsv")  # WordNet id <TAB> class name
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -77,41 +77,6 @@ def card_preprocessing(model) -> dict:
             f"effconv.models.load, or {hint}"
         )
     return card["preprocessing"]
-
-
-# The card's `interpolation` values `prepare` knows; a card naming another is refused, never approximated.
-INTERPOLATIONS = ("bicubic-tf1-legacy", "bilinear-tf2")
-
-
-def prepare(image: np.ndarray | str | os.PathLike | bytes, preprocessing: dict) -> np.ndarray:
-    """One image -> CHW float32, ready to stack into a batch, exactly as the card's `preprocessing` says.
-
-    The TPU repo's pipeline (centre crop with the odd margin pixel top/left, TF1 bicubic) unless the card
-    names EfficientNetV2's (`interpolation` "bilinear-tf2": TF2 bilinear, `crop` "none" or a centre crop
-    with `crop_offset` "floor").
-    """
-    size = int(preprocessing["image_size"])
-    interpolation = preprocessing.get("interpolation") or INTERPOLATIONS[0]
-    if interpolation not in INTERPOLATIONS:
-        raise UsageError(
-            f"the card's preprocessing names interpolation {interpolation!r}; effconv applies "
-            f"{' or '.join(INTERPOLATIONS)}"
-        )
-    if interpolation == INTERPOLATIONS[0]:
-        if preprocessing.get("crop", "center") != "center" or preprocessing.get("crop_offset", "ceil") != "ceil":
-            raise UsageError("TF1 bicubic cards crop the centre with the odd pixel top/left; this card says otherwise")
-        out = preprocess(
-            image, size, preprocessing["mean"], preprocessing["std"], crop_padding=preprocessing.get("crop_padding", 32)
-        )
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
-    from effconv.zoo.resize_tf2 import center_crop_v2, resize_bilinear_tf2
-
-    pixels = image if isinstance(image, np.ndarray) else decode_image(image)
-    if preprocessing.get("crop", "center") != "none":
-        floor = preprocessing.get("crop_offset", "ceil") == "floor"
-        pixels = center_crop_v2(pixels, size, int(preprocessing.get("crop_padding") or 32), floor=floor)
-    out = normalize(resize_bilinear_tf2(pixels, size, size), preprocessing["mean"], preprocessing["std"])
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def _logits(model, batch: np.ndarray) -> torch.Tensor:

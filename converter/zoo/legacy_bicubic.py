@@ -8,13 +8,10 @@ and every sum rounded (no fused multiply-add).
 
 Three ways to run it, all giving the same bits:
 - `resize_reference`: the arithmetic in plain numpy, one tap at a time; the fallback and the definition.
-- `resize_planar`: the fast CPU path. Both passes are sparse matrix products (CSR, four entries a row in tap
-  order) computed by scipy's `csr_matvecs`, which accumulates `y += a * x` entry by entry into a zeroed row: for
-  each output row `(((0 + p0) + p1) + p2) + p3`, which is TF's sum. The first pass runs over source rows; its
-  result is transposed block by block so that the second runs over source columns, and the second's result
-  (columns first) is transposed into channels-first output, normalised while it is in cache. Whether the
-  installed scipy rounds as TF does (a build that fuses `y + a * x` into one FMA would not) is checked once, on
-  a probe; if not, or without scipy, `resize_reference` is used.
+- `resize_planar`: the fast CPU path, one pass compiled by numba (`_blocks_kernel`): both interpolations and
+  mean/std on blocks of output rows that stay in cache, written straight into channels-first output. The
+  compiled code is checked once against `resize_reference` on a probe; if it differs, or without numba,
+  `resize_reference` runs.
 - `resize_torch`: the same taps applied with torch ops on any device (separate multiply and add kernels), for
   a resize on the GPU after decoding and cropping on the CPU.
 """
@@ -28,9 +25,6 @@ import numpy as np
 
 _CUBIC_A = -0.75
 _TABLE_SIZE = 1024
-
-# Output rows per block of the fast path, so that its intermediate arrays stay in the L2 cache (32-96 measure alike).
-_BLOCK_ROWS = 64
 
 
 def _cubic_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -88,60 +82,110 @@ def resize_reference(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return _interpolate(rows, *axis_taps(image.shape[1], width), axis=1)
 
 
-# ---- fast CPU path: two sparse passes --------------------------------------------------------------------------
+# ---- fast CPU path: one compiled pass ----------------------------------------------------------------------
+
+
+def _blocks_kernel(src, rows_i, rows_w, cols_i, cols_w, shift, scale, out):  # pragma: no cover (compiled)
+    """Compiled by numba (`fast_kernel`): `out[c, y, x] = (resized - shift[c]) / scale[c]`, TF's arithmetic.
+
+    Blocks of 32 output rows: each row's vertical pass runs along the whole source row (all channels, vectorised)
+    into `columns` (channel, source column, row in block); the horizontal pass then computes 32 rows of one
+    output column at once from four `columns` rows, into `tile` (output column, row in block), which is copied
+    into the block's output rows. Every product and sum is rounded to float32 in TF's order (numba compiles
+    without fast-math, so nothing is fused or reordered).
+    """
+    in_h, in_w, channels = src.shape
+    height, width = out.shape[1], out.shape[2]
+    flat = src.reshape(in_h, in_w * channels)
+    row = np.empty(in_w * channels, np.float32)
+    columns = np.empty((channels, in_w, _KERNEL_ROWS), np.float32)
+    tile = np.empty((width, _KERNEL_ROWS), np.float32)
+    for top in range(0, height, _KERNEL_ROWS):
+        rows = min(_KERNEL_ROWS, height - top)
+        for j in range(rows):
+            y = top + j
+            r0, r1, r2, r3 = flat[rows_i[y, 0]], flat[rows_i[y, 1]], flat[rows_i[y, 2]], flat[rows_i[y, 3]]
+            w0, w1, w2, w3 = rows_w[y, 0], rows_w[y, 1], rows_w[y, 2], rows_w[y, 3]
+            for k in range(in_w * channels):
+                row[k] = ((np.float32(r0[k]) * w0 + np.float32(r1[k]) * w1) + np.float32(r2[k]) * w2) + np.float32(
+                    r3[k]
+                ) * w3
+            for x in range(in_w):
+                for c in range(channels):
+                    columns[c, x, j] = row[x * channels + c]
+        for c in range(channels):
+            source, minus, over = columns[c], shift[c], scale[c]
+            for x in range(width):
+                k0, k1, k2, k3 = cols_i[x, 0], cols_i[x, 1], cols_i[x, 2], cols_i[x, 3]
+                u0, u1, u2, u3 = cols_w[x, 0], cols_w[x, 1], cols_w[x, 2], cols_w[x, 3]
+                target = tile[x]
+                for j in range(_KERNEL_ROWS):
+                    value = ((source[k0, j] * u0 + source[k1, j] * u1) + source[k2, j] * u2) + source[k3, j] * u3
+                    target[j] = (value - minus) / over
+            for j in range(rows):
+                line = out[c, top + j]
+                for x in range(width):
+                    line[x] = tile[x, j]
+
+
+# Output rows per block of the compiled pass (its buffers stay in the L2 cache; 32-64 measure alike, 8-24 slower).
+_KERNEL_ROWS = 32
 
 
 @functools.lru_cache(maxsize=1024)
-def _csr_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The taps as the column indices (int32) and values (float32) of a CSR matrix with 4 entries a row."""
+def _kernel_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     indices, weights = axis_taps(in_size, out_size)
-    return np.ascontiguousarray(indices, dtype=np.int32).ravel(), np.ascontiguousarray(weights).ravel()
+    return np.ascontiguousarray(indices, dtype=np.int32), weights
 
 
-@functools.lru_cache(maxsize=64)
-def _row_pointers(rows: int) -> np.ndarray:
-    return np.arange(0, 4 * rows + 1, 4, dtype=np.int32)
+def _compile(function, cache: bool):
+    import numba
 
-
-def _sparse_rows_kernel():
-    """scipy's CSR x dense kernel, `csr_matvecs(n_row, n_col, n_vecs, Ap, Aj, Ax, X, Y)`: Y += A @ X, row by row."""
-    try:
-        from scipy.sparse._sparsetools import csr_matvecs
-    except ImportError:  # no scipy, or a scipy that moved its private kernels: the reference path
-        return None
-    return csr_matvecs
+    return numba.njit(cache=cache, nogil=True, boundscheck=False)(function)
 
 
 def _rounds_like_tf(kernel) -> bool:
-    """Whether `kernel` sums rounded products in tap order, on values where a fused multiply-add would differ."""
+    """Whether `kernel` gives `resize_reference`'s bits on a probe (edges clamped, up and down, mean/std)."""
     rng = np.random.default_rng(0)
-    rows, cols, vecs = 64, 40, 24
-    x = (rng.random((cols, vecs)) * 255).astype(np.float32)
-    columns = np.clip(rng.integers(-1, cols + 1, (rows, 4)), 0, cols - 1)
-    columns[:4, :2] = 0  # clamped edge taps repeat a column: each entry must still count once, in order
-    weights = (rng.random((rows, 4)) * 1.5 - 0.25).astype(np.float32)
-    expected = np.zeros((rows, vecs), np.float32)
-    for tap in range(4):
-        expected = expected + x[columns[:, tap]] * weights[:, tap, None]
-    got = np.zeros((rows, vecs), np.float32)
-    try:
-        kernel(rows, cols, vecs, _row_pointers(rows), columns.astype(np.int32).ravel(), weights.ravel(), x.ravel(),
-               got.ravel())  # fmt: skip
-    except Exception:  # a changed signature: not the kernel this module knows
-        return False
-    return np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    image = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    image[:4] = 0  # products of zero with negative weights: the sign of zero must come out as TF's
+    shift, scale = np.float32([123.675, 0.0, 103.53]), np.float32([58.395, 1.0, 57.375])
+    for height, width in ((41, 19), (7, 64)):
+        expected = (resize_reference(image, height, width) - shift) / scale
+        got = np.empty((3, height, width), np.float32)
+        try:
+            kernel(image, *_kernel_taps(23, height), *_kernel_taps(37, width), shift, scale, got)
+        except Exception:  # a kernel that does not compile or run here: not the one this module knows
+            return False
+        if not np.array_equal(got.view(np.uint32), np.ascontiguousarray(expected.transpose(2, 0, 1)).view(np.uint32)):
+            return False
+    return True
 
 
 @functools.cache
 def fast_kernel():
-    """The checked sparse kernel, or None when the reference path must be used (looked up once)."""
-    kernel = _sparse_rows_kernel()
-    return kernel if kernel is not None and _rounds_like_tf(kernel) else None
+    """The compiled kernel, checked on a probe; None when the numpy reference must run (looked up once).
+
+    Compiled code is cached on disk by numba where it can write (beside this module, or the user's cache folder);
+    where it cannot, each process compiles it again (about a second).
+    """
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # numba is a dependency; a platform without it still gets the right bits, slower
+        return None
+    for cache in (True, False):
+        try:
+            kernel = _compile(_blocks_kernel, cache)
+        except RuntimeError:  # "cannot cache function": no writable cache folder
+            continue
+        if _rounds_like_tf(kernel):
+            return kernel
+    return None
 
 
 def kernel_name() -> str:
     """Which CPU path `resize_planar` takes here, for benchmarks and bug reports."""
-    return "scipy sparse (csr_matvecs)" if fast_kernel() is not None else "numpy reference"
+    return "numba (compiled blocks)" if fast_kernel() is not None else "numpy reference"
 
 
 def resize_planar(
@@ -156,44 +200,18 @@ def resize_planar(
     Bit-identical to `resize_reference` (channels first), so to TF.
     """
     kernel = fast_kernel()
-    if kernel is not None:
-        return _resize_sparse(kernel, image, height, width, mean, std)
-    out = np.ascontiguousarray(resize_reference(image, height, width).transpose(2, 0, 1))
-    if mean is not None:
-        _normalise(out, mean, std)
-    return out
-
-
-def _resize_sparse(kernel, image: np.ndarray, height: int, width: int, mean, std) -> np.ndarray:
-    """Blocks of output rows: rows pass, transpose, columns pass, transpose into the output (normalised there)."""
-    in_h, in_w, channels = image.shape
-    source = np.ascontiguousarray(image, dtype=np.float32).ravel()
-    rows_taps, cols_taps = _csr_taps(in_h, height), _csr_taps(in_w, width)
-    block = min(_BLOCK_ROWS, height)
-    rows = np.empty(block * in_w * channels, np.float32)  # a block of the first pass: block x in_w x C
-    columns = np.empty_like(rows)  # the same, transposed: in_w x C x block
-    second = np.empty(width * channels * block, np.float32)  # the second pass: width x C x block
+    if kernel is None:
+        out = np.ascontiguousarray(resize_reference(image, height, width).transpose(2, 0, 1))
+        if mean is not None:
+            _normalise(out, mean, std)
+        return out
+    channels = image.shape[2]
+    source = np.ascontiguousarray(as_float_input(image))
+    # (x - 0) / 1 is x, bit for bit (-0.0 included): one kernel with and without normalisation
+    shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, dtype=np.float32)
+    scale = np.ones(channels, np.float32) if mean is None else np.asarray(std, dtype=np.float32)
     out = np.empty((channels, height, width), np.float32)
-    shift = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-    scale = None if mean is None else np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
-    for top in range(0, height, block):
-        n = min(block, height - top)
-        taps = slice(4 * top, 4 * (top + n))
-        first = rows[: n * in_w * channels]
-        first.fill(0)  # the kernel adds into its output
-        kernel(n, in_h, in_w * channels, _row_pointers(n), rows_taps[0][taps], rows_taps[1][taps], source, first)
-        transposed = columns[: in_w * channels * n].reshape(in_w, channels, n)
-        np.copyto(transposed, first.reshape(n, in_w, channels).transpose(1, 2, 0))
-        result = second[: width * channels * n]
-        result.fill(0)
-        kernel(width, in_w, channels * n, _row_pointers(width), *cols_taps, transposed.ravel(), result)
-        result = result.reshape(width, channels, n).transpose(1, 2, 0)
-        target = out[:, top : top + n]
-        if shift is None:
-            np.copyto(target, result)
-        else:  # while the block is in cache: (x - mean) / std, as `preprocess.normalize` computes it
-            np.subtract(result, shift, out=target)
-            np.divide(target, scale, out=target)
+    kernel(source, *_kernel_taps(image.shape[0], height), *_kernel_taps(image.shape[1], width), shift, scale, out)
     return out
 
 

@@ -1,7 +1,7 @@
 """The official EfficientNet evaluation preprocessing, reproduced exactly.
 
 decode (RGB uint8) -> centre crop of side S/(S+pad) of the short edge -> TF1 legacy bicubic resize to S x S
-(float 0-255, not clipped) -> (x - mean) / std. The resize (`legacy_bicubic.py`) runs on the CPU in numpy + scipy,
+(float 0-255, not clipped) -> (x - mean) / std. The resize (`legacy_bicubic.py`) runs on the CPU (compiled by numba),
 or in torch on any device (`preprocess_crop_torch`, after `decode_and_crop` on the CPU); both give TF's bits.
 `preprocess_tf` runs the same pipeline with TensorFlow's own ops, as the reference they are checked against.
 """
@@ -61,11 +61,11 @@ def resize_bicubic_tf1(image: np.ndarray, height: int, width: int) -> np.ndarray
     Any dtype in, float32 out, not clipped, bit-identical to TF's on CPU. The result is a height x width x C view
     of a channels-first array (`np.ascontiguousarray(out.transpose(2, 0, 1))` gets that array without a copy).
     """
-    image = _checked_resize_input(image, height, width)
+    image = checked_resize_input(image, height, width)
     return legacy_bicubic.resize_planar(image, height, width).transpose(1, 2, 0)
 
 
-def _checked_resize_input(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def checked_resize_input(image: np.ndarray, height: int, width: int) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1 or image.shape[2] < 1:
         raise UsageError(f"resize needs a non-empty HxWxC image, got shape {image.shape}")
@@ -156,7 +156,7 @@ def preprocess(
     a channels-first array: `np.ascontiguousarray(out.transpose(2, 0, 1))` is that array, for NCHW, without a copy.
     """
     crop = decode_and_crop(image_or_path, image_size, crop_padding, copy=False)
-    crop = _checked_resize_input(crop, image_size, image_size)
+    crop = checked_resize_input(crop, image_size, image_size)
     if mean is None and std is None:
         planar = legacy_bicubic.resize_planar(crop, image_size, image_size)
     else:

@@ -55,3 +55,23 @@ def center_crop_v2(image: np.ndarray, image_size: int, crop_padding: int = 32, f
     odd = 0 if floor else 1
     top, left = (height - side + odd) // 2, (width - side + odd) // 2
     return image[top : top + side, left : left + side]
+
+
+def resize_bilinear_tf2_torch(image, height: int, width: int):
+    """HxWxC tensor (any dtype, any device) -> C x height x width float32 there, `resize_bilinear_tf2`'s bits.
+
+    The same gathers and separate subtract, multiply and add kernels, in the same order, on a channels-first view.
+    """
+    import torch
+
+    planar = image.permute(2, 0, 1).float()
+    device = image.device
+    top_y, bottom_y, y_lerp = (torch.from_numpy(np.asarray(a)).to(device) for a in _taps(image.shape[0], height))
+    left_x, right_x, x_lerp = (torch.from_numpy(np.asarray(a)).to(device) for a in _taps(image.shape[1], width))
+
+    def along_x(rows):
+        left, right = rows.index_select(2, left_x), rows.index_select(2, right_x)
+        return left + (right - left) * x_lerp
+
+    top, bottom = along_x(planar.index_select(1, top_y)), along_x(planar.index_select(1, bottom_y))
+    return (top + (bottom - top) * y_lerp[:, None]).contiguous()

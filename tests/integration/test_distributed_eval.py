@@ -29,6 +29,7 @@ from tests.support.eval_data import (
     small_b0,
     torchrun_command,
 )
+from tests.support.helpers import run_cli
 from tests.support.zoo_helpers import one_torch_thread
 
 IMAGES = len(CLASSES) * PER_CLASS
@@ -137,3 +138,22 @@ def test_the_launcher_reports_the_process_that_was_killed():
     assert _exit_code({0: failure(0, 2), 1: failure(1, -15)}) == 2  # an error that rank 0 printed itself
     with pytest.raises(DistributedError, match="rank 0 was killed by SIGTERM"):
         _exit_code({0: failure(0, -15), 1: failure(1, -15)})
+
+
+def test_resizing_on_the_device_gives_the_same_predictions(setup, single, tmp_path):
+    """--resize-on-device (on the CPU here: the torch code a GPU runs) with DataLoader workers: the same bits."""
+    weights, data = setup
+    predictions = tmp_path / "p.jsonl"
+    with one_torch_thread():
+        result = evaluate(
+            load(weights), data, batch_size=BATCH, predictions=predictions, resize_on_device=True, workers=2
+        )
+    assert result.details["resize_on_device"] is True
+    assert rows(predictions) == rows(single[1])
+    assert _sha256(predictions) == _sha256(single[1])
+    out, cli_predictions = tmp_path / "cli.json", tmp_path / "cli.jsonl"
+    with one_torch_thread():  # as the reference: the thread count can change a convolution's rounding
+        done = run_cli(*_eval_args(weights, data, out, cli_predictions, "--limit", 30, "--resize-on-device"))
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(out.read_text())["resize_on_device"] is True
+    assert rows(cli_predictions) == rows(single[1])[:30]

@@ -1,6 +1,6 @@
 """Every path of the TF1 bicubic preprocessing against TensorFlow's own ops, bit for bit, on generated JPEGs.
 
-The fast CPU path (scipy's sparse kernel), the plain numpy reference and the torch path (CPU tensors) must give
+The fast CPU path (the compiled kernel), the plain numpy reference and the torch path (CPU tensors) must give
 exactly TF's floats (max |diff| 0.0) after decode_jpeg, the float32 crop arithmetic, resize_bicubic and mean/std,
 at the released sizes and odd ones, down and up (crops smaller than the target).
 """
@@ -60,7 +60,7 @@ def _tf(path: Path, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarr
 
 @pytest.mark.parametrize("size", SIZES)
 def test_every_path_equals_tf(jpegs, size):
-    assert legacy_bicubic.fast_kernel() is not None, "scipy's kernel is missing or rounds unlike TF here"
+    assert legacy_bicubic.fast_kernel() is not None, "numba is missing, or its kernel rounds unlike TF here"
     for path in jpegs:
         theirs = _tf(path, size)
         crop = pp.decode_and_crop(path, size)
@@ -85,7 +85,7 @@ def test_unnormalised_and_advprop_equal_tf(jpegs, size):
 
 
 def test_reference_fallback_equals_tf(jpegs, monkeypatch):
-    """Without a usable sparse kernel (no scipy, or one that fuses multiply-adds) the numpy reference runs."""
+    """Without a usable compiled kernel (no numba, or code that fuses multiply-adds) the numpy reference runs."""
     monkeypatch.setattr(legacy_bicubic, "fast_kernel", lambda: None)
     assert legacy_bicubic.kernel_name() == "numpy reference"
     for path in jpegs[:2] + jpegs[-1:]:

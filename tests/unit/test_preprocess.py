@@ -108,27 +108,48 @@ def test_resize_result_is_a_channels_first_array_seen_as_hwc():
     assert chw.flags.c_contiguous and np.shares_memory(chw, out)
 
 
-def test_sparse_kernel_probe_accepts_scipy_and_refuses_fused_or_foreign_kernels():
-    from scipy.sparse._sparsetools import csr_matvecs
+def test_kernel_probe_accepts_the_compiled_kernel_and_refuses_fused_or_reordered_ones():
+    assert legacy_bicubic.fast_kernel() is not None, "numba is missing, or its kernel rounds unlike TF here"
+    assert legacy_bicubic._rounds_like_tf(legacy_bicubic.fast_kernel())
 
-    assert legacy_bicubic._rounds_like_tf(csr_matvecs)
+    def planar(image, rows_i, rows_w, cols_i, cols_w):
+        return image.astype(np.float64), rows_i, rows_w.astype(np.float64), cols_i, cols_w.astype(np.float64)
 
-    def fused(n_row, n_col, n_vecs, pointers, columns, values, x, y):
-        """Sums in float64 and rounds once: what a build fusing `y + a * x` into FMAs approaches."""
-        x64, out = x.reshape(n_col, n_vecs).astype(np.float64), y.reshape(n_row, n_vecs)
-        for row in range(n_row):
-            span = slice(pointers[row], pointers[row + 1])
-            out[row] += (values[span, None].astype(np.float64) * x64[columns[span]]).sum(axis=0).astype(np.float32)
+    def fused(image, rows_i, rows_w, cols_i, cols_w, shift, scale, out):
+        """Sums in float64 and rounds once: what fused multiply-adds approach."""
+        x, rows_i, rows_w, cols_i, cols_w = planar(image, rows_i, rows_w, cols_i, cols_w)
+        vertical = (x[rows_i] * rows_w[:, :, None, None]).sum(axis=1)
+        both = (vertical[:, cols_i] * cols_w[None, :, :, None]).sum(axis=2).astype(np.float32)
+        out[...] = ((both - shift) / scale).transpose(2, 0, 1)
 
-    def reordered(n_row, n_col, n_vecs, pointers, columns, values, x, y):
-        order = np.arange(len(columns)).reshape(-1, 4)[:, ::-1].ravel()  # the right sum, taps last to first
-        csr_matvecs(n_row, n_col, n_vecs, pointers, columns[order].copy(), values[order].copy(), x, y)
+    def reordered(image, rows_i, rows_w, cols_i, cols_w, shift, scale, out):
+        """The right products, summed from the last tap to the first."""
+        rows = legacy_bicubic._interpolate(image, rows_i[:, ::-1], rows_w[:, ::-1], axis=0)
+        both = legacy_bicubic._interpolate(rows, cols_i[:, ::-1], cols_w[:, ::-1], axis=1)
+        out[...] = ((both - shift) / scale).transpose(2, 0, 1)
 
-    def other_signature(matrix, x):
-        return matrix @ x
+    def other_signature(image, height, width):
+        return legacy_bicubic.resize_reference(image, height, width)
 
     for kernel in (fused, reordered, other_signature):
         assert not legacy_bicubic._rounds_like_tf(kernel), kernel.__name__
+
+
+def test_fast_path_equals_the_reference_bit_for_bit():
+    """Down, up, odd sizes, one and three channels, uint8 and float32, with and without mean/std."""
+    rng = np.random.default_rng(7)
+    for shape, out_hw in (((90, 120, 3), (64, 64)), ((31, 17, 3), (97, 45)), ((40, 33, 1), (33, 40))):
+        for image in (rng.integers(0, 256, shape, dtype=np.uint8), (rng.random(shape) * 255).astype(np.float32)):
+            reference = np.ascontiguousarray(legacy_bicubic.resize_reference(image, *out_hw).transpose(2, 0, 1))
+            fast = legacy_bicubic.resize_planar(image, *out_hw)
+            assert fast.flags.c_contiguous and fast.dtype == np.float32
+            assert np.array_equal(fast.view(np.uint32), reference.view(np.uint32)), (shape, out_hw, image.dtype)
+            mean, std = [100.0] * shape[2], [57.5] * shape[2]
+            normalised = (reference - np.float32(100.0)) / np.float32(57.5)
+            got = legacy_bicubic.resize_planar(image, *out_hw, mean, std)
+            assert np.array_equal(got.view(np.uint32), normalised.view(np.uint32)), (shape, out_hw, "mean/std")
+    view = rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)[5:45, 7:50]  # a crop: not contiguous
+    assert np.array_equal(legacy_bicubic.resize_planar(view, 30, 30), legacy_bicubic.resize_planar(view.copy(), 30, 30))
 
 
 def test_torch_crop_rejects_bad_shapes():
