@@ -105,26 +105,23 @@ def _layer_number(name: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-def number_layers(
-    plan: Sequence[TensorMapping], table: SourceTable, root: str, names: Collection[str] | None = None
-) -> tuple[TensorMapping, ...]:
-    """`plan` with every `<layer#j>` token (the block's j-th layer of that name) replaced by a real name.
+def _number_layers(
+    rows: Sequence[TensorMapping],
+    table: SourceTable,
+    root: str,
+    variables: Collection[str] | None,
+    blocks_before: dict[str, int],
+) -> list[TensorMapping]:
+    """One block's `rows` with every `<layer#j>` token (the block's j-th layer of that name) replaced by a real name.
 
-    Without `names`, as the official code numbers them model-wide (for checkpoints written here); with
-    `names` (a checkpoint's variable names), the block's layers of that name found there, in number order,
-    wherever they sit between the network's scope and the block's.
+    Without `variables`, as the official code numbers them model-wide (for checkpoints written here); with
+    `variables` (a checkpoint's variable names), the block's layers of that name found there, in number order,
+    wherever they sit between the network's scope and the block's. `blocks_before` counts, for each layer
+    name, the earlier blocks that have it; this block's layers are added to it.
     """
-    if not any(_NUMBERED.search(m.source) for m in plan):
-        return tuple(plan)
-    blocks_before: dict[str, int] = {}  # layer name -> earlier blocks that have it
     found: dict[str, list[str]] = {}  # this block's layers of each name: their full scopes, in number order
-    current, out = None, []
-    for m in plan:
-        block = m.target.split(".")[1] if m.target.startswith("blocks.") else None
-        if block != current:
-            for layer in found:
-                blocks_before[layer] = blocks_before.get(layer, 0) + 1
-            current, found = block, {}
+    out = []
+    for m in rows:
         token = _NUMBERED.search(m.source)
         if token is None:
             out.append(m)
@@ -132,7 +129,7 @@ def number_layers(
         layer, j = token.group(1), int(token.group(2))
         before, after = m.source[: token.start()], m.source[token.end() :]
         if layer not in found:
-            found[layer] = _layer_scopes(table, layer, before, after, root, names, blocks_before.get(layer, 0))
+            found[layer] = _layer_scopes(table, layer, before, after, root, variables, blocks_before.get(layer, 0))
         scopes = found[layer]
         if j >= len(scopes):
             raise MappingError(
@@ -140,7 +137,9 @@ def number_layers(
                 f"(lowest-numbered first), {len(scopes)} found"
             )
         out.append(replace(m, source=scopes[j] + after))
-    return tuple(out)
+    for layer in found:
+        blocks_before[layer] = blocks_before.get(layer, 0) + 1
+    return out
 
 
 def _layer_scopes(
@@ -170,18 +169,28 @@ def block_rows(table: SourceTable | LayoutTable, block: spec.BlockSpec) -> tuple
 
 
 def source_plan(
-    table: SourceTable, arch: str, num_classes: int, root: str = "", **names: str
+    table: SourceTable,
+    arch: str,
+    num_classes: int,
+    root: str = "",
+    *,
+    variables: Collection[str] | None = None,
+    **names: str,
 ) -> tuple[TensorMapping, ...]:
     """Every tensor of the native model of `arch`, with its name in `table`'s source format.
 
-    `root` prefixes every source name; `names` fill the rows' own fields (e.g. `bn`).
+    `root` prefixes every source name; `names` fill the rows' own fields (e.g. `bn`). Layers numbered
+    model-wide (`<layer#j>` in a block row) are named as found among `variables` (a checkpoint's variable
+    names) when given, else as the official code numbers them.
     """
     plan = _expand_rules(table, table.stem, root, "", names)
+    blocks_before: dict[str, int] = {}  # numbered layer name -> earlier blocks that have it
     for block, fields in zip(spec.blocks(arch), block_fields(arch), strict=True):
         scope = root + table.block_scope.format(**fields)
         target = official.BLOCK_TARGET.format(index=block.index) + "."
         fields_and_names = {**fields, **names}
-        plan += _expand_rules(table, block_rows(table, block), scope, target, fields_and_names, block.parts, root)
+        rows = _expand_rules(table, block_rows(table, block), scope, target, fields_and_names, block.parts, root)
+        plan += _number_layers(rows, table, root, variables, blocks_before)
     plan += _expand_rules(table, table.head, root, "", names)
     if num_classes:
         plan += _expand_rules(table, table.classifier, root, "", names)
@@ -204,7 +213,7 @@ def official_plan(
     checkpoint's base variable names) when given, else as the official code names them.
     """
     root = f"{prefix}/" if prefix else ""
-    plan = number_layers(source_plan(official.TABLE, arch, num_classes, root, bn=bn), official.TABLE, root, names)
+    plan = source_plan(official.TABLE, arch, num_classes, root, variables=names, bn=bn)
     return plan if names is None else take_aliases(plan, official.TABLE, root, names)
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from effconv.errors import UsageError
+
 if TYPE_CHECKING:
     from effconv.ema_policy import EmaChoice
     from effconv.mappings.engine import TensorMapping
@@ -40,6 +42,15 @@ class Reader(Protocol):
     def keys(self) -> list[str]: ...
     def info(self, name: str) -> TensorInfo: ...
     def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def reused_buffer(out: np.ndarray | None, nbytes: int) -> np.ndarray | None:
+    """The front `nbytes` of `out`, the buffer a caller of `Reader.read` reuses (None without one), once checked."""
+    if out is None:
+        return None
+    if out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or out.size < nbytes:
+        raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {nbytes} bytes")
+    return out[:nbytes]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import google_crc32c
 import numpy as np
 
 from effconv.errors import CheckpointError, UsageError
+from effconv.formats.base import reused_buffer
 
 try:  # ships with TensorFlow and JAX; without it bfloat16 comes back as raw uint16
     import ml_dtypes
@@ -532,12 +533,9 @@ class TensorBundleReader:
         info = self.info(name)
         if info.unsupported:
             raise CheckpointError(f"unsupported {info.unsupported}: tensor {name!r} in {self.index_path}")
-        if out is None:
+        buffer = reused_buffer(out, info.size)
+        if buffer is None:
             buffer = np.empty(info.size, dtype=np.uint8)
-        elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or out.size < info.size:
-            raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {info.size} bytes")
-        else:
-            buffer = out[: info.size]
         path = self.shard_paths[info.shard]
         if info.size:
             with self._lock:

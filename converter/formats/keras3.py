@@ -7,8 +7,8 @@ its container as a `Keras3Reader`, which lists the weights under readable names 
 says them, and knows how to build the model's `KerasModel` (`effconv.formats.keras3_model`). The plan,
 card, inspect report and arch detection are common to all of them (`Keras3Format`).
 
-Conversion needs neither TensorFlow nor Keras. `verify` is not supported for these sources yet: effconv's
-Keras reference runs legacy Keras (tf-keras), which reads legacy .h5 files only.
+Conversion needs neither TensorFlow nor Keras. `verify` runs Keras 3 itself as the reference
+(`effconv.formats.keras3_reference`).
 """
 
 from __future__ import annotations
@@ -213,10 +213,14 @@ class Keras3Format:
         return lines
 
     def tf_reference(self, source: OpenedSource, arch: str, ema: str, allow_mixed: bool, say):
-        raise UsageError(
-            f"verify of a {self.title} source is not supported yet: effconv's Keras reference runs legacy Keras "
-            "(tf-keras), which cannot load it. Convert it, then compare the converted model with Keras 3 yourself"
-        )
+        """Keras 3 itself runs the source (`keras3_reference`), every weight as stored."""
+        from effconv.ema_policy import EmaChoice
+        from effconv.formats.keras3_reference import reference
+
+        model, detected = self._model(source, arch)
+        names = [m.source for m in plan(model, detected.arch, detected.num_classes)]
+        keras_model = reference(self.name, source.location, model, detected, say)
+        return keras_model, detected, EmaChoice("as stored", {n: n for n in names}, 0, len(names))
 
 
 # --- .keras -------------------------------------------------------------------------------------------

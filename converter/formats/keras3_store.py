@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from effconv.errors import CheckpointError, EffconvError, UsageError, one_line
-from effconv.formats.keras_h5 import PROBE_SECONDS, H5TensorInfo, probe_in_child
+from effconv.formats.keras_h5 import PROBE_SECONDS, H5TensorInfo, H5Weights, probe_in_child
 
 __all__ = ["Keras3WeightsStore", "NotKeras3", "VarsGroup", "is_keras3_layout", "probe", "snake_case"]
 
@@ -143,7 +143,7 @@ def is_keras3_layout(h5file) -> bool:
     return h5file.get("layers", getlink=True) is not None or h5file.get("vars", getlink=True) is not None
 
 
-class Keras3WeightsStore:
+class Keras3WeightsStore(H5Weights):
     """Lazy reader of a Keras 3 weights store: `keys()`, `info(key)`, `read(key, out)`, and its `groups`.
 
     `start`/`size`: the store is that byte range of `path` (a stored member of a .keras archive).
@@ -279,41 +279,22 @@ class Keras3WeightsStore:
         native = dtype.newbyteorder("=")
         self._infos[key] = H5TensorInfo(key, native, shape, key, self._start + (offset or 0))
 
-    # --- the interface ---------------------------------------------------------------------------
+    # --- reading (the interface is `H5Weights`') ------------------------------------------------
 
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> H5TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise KeyError(f"no weight {name!r} in {self.label}") from None
-
-    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """One weight: fresh, or a view into the front of `out` (a reused uint8 buffer)."""
-        info = self.info(name)
-        if out is not None and (out.dtype != np.uint8 or out.ndim != 1 or out.size < info.nbytes):
-            raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {info.nbytes} bytes")
+    def _read(self, name: str, info: H5TensorInfo, buffer: np.ndarray | None) -> np.ndarray:
+        """A contiguous dataset straight from the file into `buffer` (or a fresh one); any other through h5py."""
+        if name not in self._direct:
+            return super()._read(name, info, buffer)
+        if buffer is None:
+            buffer = np.empty(info.nbytes, np.uint8)
+        got = _read_at(self._raw, self._start + self._direct[name], memoryview(buffer)) if info.nbytes else 0
+        if got != info.nbytes:
+            raise CheckpointError(f"{self.label}: weight {name!r} is truncated ({got} of {info.nbytes} bytes)")
         stored = np.dtype(self._datasets[name].dtype)
-        if name in self._direct:
-            buffer = np.empty(info.nbytes, np.uint8) if out is None else out[: info.nbytes]
-            got = _read_at(self._raw, self._start + self._direct[name], memoryview(buffer)) if info.nbytes else 0
-            if got != info.nbytes:
-                raise CheckpointError(f"{self.label}: weight {name!r} is truncated ({got} of {info.nbytes} bytes)")
-            array = buffer.view(stored).reshape(info.shape)
-            if stored != info.dtype:  # a big-endian file: numbers in native order, in place
-                array = array.byteswap(inplace=True).view(info.dtype)
-            return array
-        try:
-            array = np.asarray(self._datasets[name][()]).astype(info.dtype, copy=False)
-        except _H5PY_ERRORS as e:
-            raise CheckpointError(f"cannot read {name} from {self.label}: {one_line(e, typed=True)}") from None
-        if out is None:
-            return np.ascontiguousarray(array.reshape(info.shape))
-        view = out[: info.nbytes].view(info.dtype).reshape(info.shape)
-        np.copyto(view, array.reshape(info.shape))
-        return view
+        array = buffer.view(stored).reshape(info.shape)
+        if stored != info.dtype:  # a big-endian file: numbers in native order, in place
+            array = array.byteswap(inplace=True).view(info.dtype)
+        return array
 
     def close(self) -> None:
         if self._file is not None:
@@ -326,9 +307,3 @@ class Keras3WeightsStore:
             if handle is not None:
                 handle.close()
         self._window = self._raw = None
-
-    def __enter__(self) -> Keras3WeightsStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

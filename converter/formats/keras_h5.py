@@ -27,14 +27,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from effconv.errors import CheckpointError, EffconvError, UsageError, one_line
+from effconv.formats.base import reused_buffer
 
 __all__ = [
     "HDF5_SIGNATURE",
     "H5TensorInfo",
+    "H5Weights",
     "KerasH5Reader",
     "check_in_child",
     "is_hdf5",
@@ -153,7 +156,56 @@ def probe(path: str | os.PathLike) -> None:
         pass
 
 
-class KerasH5Reader:
+_Weights = TypeVar("_Weights", bound="H5Weights")
+
+
+class H5Weights:
+    """The reader interface of an indexed HDF5 weights file: `keys()`, `info(name)`, `read(name, out)`.
+
+    Shared by this legacy reader and Keras 3's store (`keras3_store`): a subclass indexes its file into
+    `_infos` and `_datasets` (key -> h5py dataset), names it in messages by `label`, and provides `close()`.
+    """
+
+    label: str
+    _infos: dict[str, H5TensorInfo]
+    _datasets: dict[str, object]
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> H5TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"no weight {name!r} in {self.label}") from None
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One weight as an array: fresh, or a view into the front of `out` (a reused uint8 buffer)."""
+        info = self.info(name)
+        return self._read(name, info, reused_buffer(out, info.nbytes))
+
+    def _read(self, name: str, info: H5TensorInfo, buffer: np.ndarray | None) -> np.ndarray:
+        """The weight through h5py (any storage layout), into `buffer` when there is one."""
+        try:
+            array = np.asarray(self._datasets[name][()]).astype(info.dtype, copy=False)
+        except _H5PY_ERRORS as e:
+            raise CheckpointError(f"cannot read {name} from {self.label}: {one_line(e, typed=True)}") from None
+        if array.shape != info.shape:
+            raise CheckpointError(f"{name} in {self.label} has shape {array.shape}, not {info.shape}")
+        if buffer is None:
+            return np.ascontiguousarray(array)
+        view = buffer.view(info.dtype).reshape(info.shape)
+        np.copyto(view, array)
+        return view
+
+    def __enter__(self: _Weights) -> _Weights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class KerasH5Reader(H5Weights):
     """Lazy reader of one Keras legacy .h5 file: `keys()`, `info(name)`, `read(name)`.
 
     `isolate=False` skips the check in a child process; only `probe` (the child) uses it.
@@ -162,6 +214,7 @@ class KerasH5Reader:
     def __init__(self, path: str | os.PathLike, *, isolate: bool = True) -> None:
         self._h5py = h5py = _import_h5py()
         self.path = Path(path)
+        self.label = str(self.path)
         if not self.path.exists():
             raise CheckpointError(f"no such file: {self.path}")
         if isolate:
@@ -318,32 +371,6 @@ class KerasH5Reader:
         except ValueError as e:
             raise CheckpointError(f"{self.path}: model_config is not JSON: {one_line(e, typed=True)}") from None
 
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> H5TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise KeyError(f"no weight {name!r} in {self.path}") from None
-
-    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """One weight as an array: fresh, or a view into the front of `out` (a reused uint8 buffer)."""
-        info = self.info(name)
-        if out is not None and (out.dtype != np.uint8 or out.ndim != 1 or out.size < info.nbytes):
-            raise UsageError(f"read(out=...) needs a contiguous uint8 buffer of at least {info.nbytes} bytes")
-        try:
-            array = np.asarray(self._datasets[name][()]).astype(info.dtype, copy=False)
-        except _H5PY_ERRORS as e:
-            raise CheckpointError(f"cannot read {name} from {self.path}: {one_line(e, typed=True)}") from None
-        if array.shape != info.shape:
-            raise CheckpointError(f"{name} in {self.path} has shape {array.shape}, not {info.shape}")
-        if out is None:
-            return np.ascontiguousarray(array)
-        view = out[: info.nbytes].view(info.dtype).reshape(info.shape)
-        np.copyto(view, array)
-        return view
-
     def close(self) -> None:
         self._datasets.clear()
         self._file.close()
@@ -353,9 +380,3 @@ class KerasH5Reader:
             self.close()
         except _H5PY_ERRORS:
             pass
-
-    def __enter__(self) -> KerasH5Reader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

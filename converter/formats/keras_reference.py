@@ -89,11 +89,15 @@ class KerasReferenceModel:
 
     @staticmethod
     def _input_steps(keras, model, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The graph's steps before stem_conv as one per-channel affine map, measured: y = scale * x + shift."""
+        """The graph's steps before stem_conv as one per-channel affine map, measured: y = scale * x + shift.
+
+        Measured between 0 and 255 (the pixel range), not over one unit: float32 steps such as `x / 255` then
+        give the scale to float32 precision rather than to ~1e-5 of itself.
+        """
         steps = keras.Model(model.inputs, model.get_layer(_FIRST_LAYER).input)
         zeros = np.asarray(steps(np.zeros((1, height, width, 3), np.float32), training=False), np.float64)
-        ones = np.asarray(steps(np.ones((1, height, width, 3), np.float32), training=False), np.float64)
-        shift, scale = zeros[0, 0, 0], ones[0, 0, 0] - zeros[0, 0, 0]
+        full = np.asarray(steps(np.full((1, height, width, 3), 255, np.float32), training=False), np.float64)
+        shift, scale = zeros[0, 0, 0], (full[0, 0, 0] - zeros[0, 0, 0]) / 255
         if np.any(scale <= 0):
             raise UsageError(f"the Keras graph's input steps scale a channel by {scale.tolist()}: cannot invert them")
         return scale, shift

@@ -71,15 +71,15 @@ def _named_arch(prefix: str) -> str | None:
     return spec.OFFICIAL_NAMES[max(names, key=len)] if names else None
 
 
-def _plan(shapes: Mapping[str, tuple[int, ...]], arch: str, num_classes: int, prefix: str, bn: str):
-    """The official plan of `arch`, its model-wide numbered layers named as this checkpoint has them."""
-    return engine.official_plan(arch, num_classes, prefix, bn, names={base_name(n) for n in shapes})
+def _holds_every_variable(
+    shapes: Mapping[str, tuple[int, ...]], names: frozenset[str], arch: str, num_classes: int, prefix: str, bn: str
+) -> bool:
+    """True when every variable `arch` needs is there with the shape it needs (CondConv's expert count too).
 
-
-def _holds_every_variable(shapes: Mapping[str, tuple[int, ...]], arch: str, num_classes: int, prefix, bn) -> bool:
-    """True when every variable `arch` needs is there with the shape it needs (CondConv's expert count too)."""
+    `names`: the checkpoint's base variable names, among which the model-wide numbered layers are found.
+    """
     try:
-        plan = _plan(shapes, arch, num_classes, prefix, bn)
+        plan = engine.official_plan(arch, num_classes, prefix, bn, names=names)
     except MappingError:
         return False
     want = engine.source_shapes(plan, arch, num_classes)
@@ -106,8 +106,9 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None
         raise CheckpointError(f"checkpoint '{prefix}' has {described}, which fits no {spec.KNOWN_MODELS}")
     dense = _shape(shapes, f"{root}head/dense/kernel") or _shape(shapes, f"{root}head_1/dense/kernel")
     num_classes = dense[1] if dense and len(dense) == 2 else 0
+    names = frozenset(base_name(n) for n in shapes)
     # Sizes of two families can agree in blocks, stem and head (b0 and lite0): the names then tell.
-    complete = [a for a in fitting if _holds_every_variable(shapes, a, num_classes, prefix, bn)]
+    complete = [a for a in fitting if _holds_every_variable(shapes, names, a, num_classes, prefix, bn)]
     detected = named if named in fitting else (complete or fitting)[0]
     if named and named not in fitting:
         raise CheckpointError(f"checkpoint prefix says '{prefix}' but its shapes ({described}) are not {named}")
@@ -123,7 +124,7 @@ def detect_layout(shapes: Mapping[str, tuple[int, ...]], arch: str | None = None
         num_blocks=num_blocks,
         stem_channels=stem[3],
         head_channels=head[3],
-        names=frozenset(base_name(n) for n in shapes),
+        names=names,
     )
 
 

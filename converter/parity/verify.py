@@ -328,6 +328,7 @@ def verify(
             cases.append(case)
         if image_paths is not None:
             cases.extend(_image_cases(image_paths, card, tf_model, torch_model, atol, rtol, per_layer, say))
+        notes.extend(getattr(tf_model, "notes", ()))  # what a reference says it ran (Keras 3: per input size)
     return VerifyReport(
         arch=layout.arch,
         num_classes=layout.num_classes,

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras  # Keras 3: a missing Keras fails here, these tests must never be skipped
@@ -28,35 +25,29 @@ from effconv.convert import convert_checkpoint
 from effconv.errors import CheckpointError, UsageError
 from effconv.formats import find_format, local_files
 from effconv.formats.keras import KERAS_IMAGENET_STD
-from effconv.models import load
 from effconv.variants import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import PROJECT_ROOT
-from tests.support.helpers import assert_close, nchw, run_cli
-from tests.support.keras3_models import BLOCKED, imagenet_graph, randomise, reference, without_names
+from tests.support.helpers import run_cli
+from tests.support.keras3_models import (
+    FIXTURE,
+    Case,
+    assert_reproduces_keras,
+    convert_without_tensorflow,
+    fixture_oracle,
+    imagenet_graph,
+    randomise,
+    reference,
+    without_names,
+)
 
-FIXTURE = PROJECT_ROOT.parent / "shared" / "fixtures" / "keras3-b0"
 SEED = 13
 SIZE = 64  # the Keras-made models' input side: small, and a multiple of 32
 # Keras' TF backend calls np.array(x, copy=False) on every weight it saves: noise, not a finding.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-@dataclass
-class Case:
-    """A source, what its converted file is, and Keras' outputs to match: (raw NHWC pixels, output) pairs."""
-
-    src: Path
-    out: Path
-    checks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    output: str = "logits"  # or "pooled" (a feature extractor's pooled features), "features" (the feature map)
-
-
 @pytest.fixture(scope="module")
 def oracle() -> dict[str, np.ndarray]:
-    if not (FIXTURE / "model.keras").is_file():
-        pytest.fail(f"ground-truth fixture missing: {FIXTURE} (../shared must sit beside the project)")
-    with np.load(FIXTURE / "oracle.npz") as data:
-        return {k: data[k] for k in data.files}
+    return fixture_oracle()
 
 
 def _save(model, folder: Path, name: str, rng, *, weights: bool = False, **randomised) -> Path:
@@ -140,22 +131,8 @@ def made(tmp_path_factory, oracle) -> dict[str, Case]:
     add("flat.keras", tmp / "flat.keras", checks)
     add("flat.weights.h5", tmp / "flat.weights.h5", checks)
 
-    pairs = [(str(c.src), str(c.out)) for c in cases.values()]
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCKED, json.dumps(pairs)], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "converted without tensorflow" in proc.stdout
+    convert_without_tensorflow(cases.values())
     return cases
-
-
-def _run(model, x_nhwc: np.ndarray, output: str) -> np.ndarray:
-    pre = model.card["preprocessing"]
-    x = (x_nhwc - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
-    with torch.no_grad():
-        if output == "features":
-            return model.forward_features(nchw(x)).numpy().transpose(0, 2, 3, 1)
-        return model(nchw(x)).numpy()
 
 
 CASES = [
@@ -179,12 +156,7 @@ CASES = [
 
 @pytest.mark.parametrize("name", CASES)
 def test_converted_model_reproduces_keras(made, name):
-    case = made[name]
-    model = load(case.out)
-    for x, expected in case.checks:
-        got = _run(model, x, case.output)
-        diff, limit = assert_close(got, expected, what=f"{name} at {x.shape[1]} px")
-        print(f"{name} at {x.shape[1]} px: max |diff| {diff:.3g} (outputs up to {np.abs(expected).max():.3g})")
+    assert_reproduces_keras(made[name], name)
 
 
 def test_fixture_card_folds_the_graphs_own_normalisation(made):
@@ -321,11 +293,6 @@ def test_inspect_describes_keras3_sources(made):
     report = json.loads(run_cli("inspect", "--src", made["fixture_export"].src, "--json").output)
     assert report["format"] == "keras3-saved-model" and report["model_variables"] == 311
     assert not report["missing"] and report["unknown_variables"] == [] and report["num_classes"] == 10
-
-
-def test_verify_says_keras3_is_not_supported_yet(made):
-    result = run_cli("verify", "--src", made["fixture.keras"].src, "--batch", "1")
-    assert result.exit_code == 2 and "not supported yet" in result.stderr
 
 
 def test_keras3_source_in_other_layouts_and_dtypes(made):

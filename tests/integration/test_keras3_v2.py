@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras  # Keras 3: a missing Keras fails here, these tests must never be skipped
 import numpy as np
@@ -25,29 +21,23 @@ import torch
 
 from effconv.convert import convert_checkpoint
 from effconv.errors import UsageError
-from effconv.models import load, spec
+from effconv.models import spec
 from effconv.variants import IMAGENET_MEAN, IMAGENET_STD
-from tests.support.helpers import assert_close, nchw, run_cli
-from tests.support.keras3_models import BLOCKED, randomise, reference, without_names
+from tests.support.helpers import run_cli
+from tests.support.keras3_models import (
+    Case,
+    assert_reproduces_keras,
+    convert_without_tensorflow,
+    randomise,
+    reference,
+    without_names,
+)
 
 SEED = 1302
 SIZE = 64  # the input side of the models built for a size
 ODD = 75  # a second side for the models built without one: odd maps, where TF 'SAME' pads unevenly
 BRANCH_GAMMA = (0.1, 0.3)  # the blocks' last batch-norm scales: activations of a sane size in 40 blocks (randomise)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@dataclass
-class Case:
-    """A source, its converted file, and Keras' outputs to match: (raw NHWC pixels, output) pairs."""
-
-    src: Path
-    out: Path
-    checks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    output: str = "logits"  # or "pooled" (pooled features), "features" (the feature map)
-
-    def card(self) -> dict:
-        return json.loads(self.out.with_suffix(".json").read_text())
 
 
 def _pixels(rng, size: int = SIZE) -> np.ndarray:
@@ -102,22 +92,8 @@ def made(tmp_path_factory) -> dict[str, Case]:
     x_unit = (x / 127.5 - 1).astype(np.float32)
     save(raw, "raw", [(x_unit, reference(raw, x_unit))], "pooled")
 
-    pairs = [(str(c.src), str(c.out)) for c in cases.values()]
-    proc = subprocess.run(
-        [sys.executable, "-c", BLOCKED, json.dumps(pairs)], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "converted without tensorflow" in proc.stdout
+    convert_without_tensorflow(cases.values())
     return cases
-
-
-def _run(model, x_nhwc: np.ndarray, output: str) -> np.ndarray:
-    pre = model.card["preprocessing"]
-    x = (x_nhwc - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
-    with torch.no_grad():
-        if output == "features":
-            return model.forward_features(nchw(x)).numpy().transpose(0, 2, 3, 1)
-        return model(nchw(x)).numpy()
 
 
 CASES = [
@@ -133,12 +109,7 @@ CASES = [
 
 @pytest.mark.parametrize("name", CASES)
 def test_converted_v2_reproduces_keras(made, name):
-    case = made[name]
-    model = load(case.out)
-    for x, expected in case.checks:
-        got = _run(model, x, case.output)
-        diff, _ = assert_close(got, expected, what=f"{name} at {x.shape[1]} px")
-        print(f"{name} at {x.shape[1]} px: max |diff| {diff:.3g} (outputs up to {np.abs(expected).max():.3g})")
+    assert_reproduces_keras(made[name], name)
 
 
 ARCHS = {"b0": "v2-b0", "b0_features": "v2-b0", "s": "v2-s", "s_pooled": "v2-s", "tuned": "v2-b0", "raw": "v2-b0"}

@@ -1,5 +1,6 @@
 """Keras 3 models made by Keras itself for the tests: keras.applications EfficientNets with random weights in a sane
-range, nested in users' models, saved in every Keras 3 container; and the logits Keras computes for them.
+range, nested in users' models, saved in every Keras 3 container; the logits Keras computes for them; and their
+conversion (`convert_without_tensorflow`) and comparison (`assert_reproduces_keras`).
 
 Imports Keras 3 (`import keras`), so only tests that need Keras import it.
 """
@@ -7,15 +8,25 @@ Imports Keras 3 (`import keras`), so only tests that need Keras import it.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
 import h5py
 import keras
 import numpy as np
+import pytest
+import torch
 
 from effconv.formats.keras import KERAS_IMAGENET_MEAN, KERAS_IMAGENET_STD
+from effconv.models import load
+from tests.conftest import PROJECT_ROOT
+from tests.support.helpers import assert_close, nchw
 
 # Converts each (source, output) pair given as JSON by the CLI, in a process where TensorFlow and Keras cannot be
 # imported (conversion must not need them).
@@ -35,6 +46,47 @@ for src, out in json.loads(sys.argv[1]):
 assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras")]
 print("converted without tensorflow")
 """
+
+
+@dataclass
+class Case:
+    """A source, its converted file, and Keras' outputs to match: (raw NHWC pixels, output) pairs."""
+
+    src: Path
+    out: Path
+    checks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    output: str = "logits"  # or "pooled" (a feature extractor's pooled features), "features" (the feature map)
+
+    def card(self) -> dict:
+        return json.loads(self.out.with_suffix(".json").read_text())
+
+
+def convert_without_tensorflow(cases: Iterable[Case]) -> None:
+    """Convert every case's source to its `out` by the CLI, in one process that cannot import TensorFlow or Keras."""
+    pairs = [(str(c.src), str(c.out)) for c in cases]
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED, json.dumps(pairs)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "converted without tensorflow" in proc.stdout
+
+
+def _run(model, x_nhwc: np.ndarray, output: str) -> np.ndarray:
+    pre = model.card["preprocessing"]
+    x = (x_nhwc - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
+    with torch.no_grad():
+        if output == "features":
+            return model.forward_features(nchw(x)).numpy().transpose(0, 2, 3, 1)
+        return model(nchw(x)).numpy()
+
+
+def assert_reproduces_keras(case: Case, name: str) -> None:
+    """The converted model, fed each check's raw pixels normalised as its card says, gives Keras' own outputs."""
+    model = load(case.out)
+    for x, expected in case.checks:
+        got = _run(model, x, case.output)
+        diff, _ = assert_close(got, expected, what=f"{name} at {x.shape[1]} px")
+        print(f"{name} at {x.shape[1]} px: max |diff| {diff:.3g} (outputs up to {np.abs(expected).max():.3g})")
 
 
 def all_layers(model) -> list:
@@ -110,3 +162,14 @@ def without_names(src: Path, dst: Path) -> None:
         for group in groups:
             if "name" in group.attrs:
                 del group.attrs["name"]
+
+
+FIXTURE = PROJECT_ROOT.parent / "shared" / "fixtures" / "keras3-b0"  # Keras 3's own files and logits
+
+
+def fixture_oracle() -> dict[str, np.ndarray]:
+    """The keras3-b0 fixture's oracle.npz (inputs and Keras's logits); a missing fixture fails, never skips."""
+    if not (FIXTURE / "model.keras").is_file():
+        pytest.fail(f"ground-truth fixture missing: {FIXTURE} (../shared must sit beside the project)")
+    with np.load(FIXTURE / "oracle.npz") as data:
+        return {k: data[k] for k in data.files}
