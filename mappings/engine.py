@@ -197,6 +197,8 @@ def source_plan(
     for what, values in (("target", [m.target for m in plan]), ("source", [m.source for m in plan])):
         if len(set(values)) != len(values):
             raise AssertionError(f"{table.name} mapping table uses a {what} twice")
+    if any(_NUMBERED.search(m.source) for m in plan):  # layers are numbered within blocks only
+        raise AssertionError(f"{table.name} mapping table numbers a layer (<name#j>) outside the blocks")
     return tuple(plan)
 
 

@@ -81,8 +81,19 @@ def main() -> None:
         print(f"weights: {origin}")
         figures = _check(weights, data, work / arch, device, size, batch, args)
         summary["archs"][arch] = {"image_size": size, "batch_size": batch, "weights": origin, **figures}
+    summary["v2_s_resize_on_device_bits"] = _v2_resize_bits(data, device)  # the TF2 bilinear pipeline too
+    print(f"v2-s card, resize on the device vs the CPU path: {json.dumps(summary['v2_s_resize_on_device_bits'])}")
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {args.out}")
+    broken = [arch for arch, f in summary["archs"].items() if _differs(f["resize_on_device_bits"])]
+    broken += ["v2-s"] if _differs(summary["v2_s_resize_on_device_bits"]) else []
+    broken += [a for a, f in summary["archs"].items() if f["agreement"]["resize_on_device_vs_exact"]["max_dprob1"]]
+    if broken:
+        sys.exit(f"FAIL: --resize-on-device is not the CPU path's bits for {', '.join(sorted(set(broken)))}")
+
+
+def _differs(bits: dict) -> bool:
+    return bits["bit_identical"] != bits["images"]
 
 
 def _parse() -> argparse.Namespace:
@@ -266,9 +277,17 @@ def _check(weights: Path, data: Path, folder: Path, device: torch.device, size: 
     return figures
 
 
-def _resize_bits(weights: Path, data: Path, device: torch.device, count: int = 16) -> dict:
+def _v2_resize_bits(data: Path, device: torch.device) -> dict:
+    """`_resize_bits` for an EfficientNetV2-S card (TF2 bilinear, no crop): the preprocessing alone, no weights."""
+    return _settings_bits(preprocessing("standard", 384, "v2-s"), data, device)
+
+
+def _resize_bits(weights: Path, data: Path, device: torch.device) -> dict:
     """The model's input from `pipelines.prepare` (CPU) and `prepare_on_device` (the crop resized on `device`)."""
-    settings = load(weights).card.preprocessing.to_json()
+    return _settings_bits(load(weights).card.preprocessing.to_json(), data, device)
+
+
+def _settings_bits(settings: dict, data: Path, device: torch.device, count: int = 16) -> dict:
     files = sorted(p for p in data.rglob("*") if p.is_file())[:count]
     worst, equal = 0.0, 0
     for path in files:

@@ -61,7 +61,7 @@ def keras3():
         import keras
     except ImportError as e:
         raise UsageError(
-            f"verify of a Keras 3 source runs Keras 3 itself and needs it ({e}): pip install 'keras>=3' tensorflow"
+            f"verify of a Keras 3 source runs Keras 3 itself and needs it ({e}): pip install 'effconv[tf]' 'keras>=3'"
         ) from e
     version = str(getattr(keras, "__version__", "unknown"))
     major = version.split(".")[0]
@@ -160,15 +160,19 @@ def _compare_with_source(pieces: Pieces, raw: np.ndarray, out: dict, final: np.n
     found = []
     for activation in activations:
         theirs, ours = own.astype(np.float64), final.astype(np.float64)
-        if activation == "softmax":
+        what = _COMPARED.get(activation, "logits" if logits else "output")
+        if theirs.shape != ours.shape:
+            found.append(f"{what}: shapes {list(theirs.shape)} and {list(ours.shape)}")
+            continue
+        if activation == "softmax":  # compared as log-probabilities, where float32 holds them
             held = theirs >= _SMALLEST_PROBABILITY
             shifted = ours - ours.max(axis=-1, keepdims=True)
             ours = (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))[held]
             theirs = np.log(theirs[held])
-        elif activation == "sigmoid":
-            ours = 1.0 / (1.0 + np.exp(-ours))
-        what = _COMPARED.get(activation, "logits" if logits else "output")
-        diff = float(np.abs(theirs - ours).max()) if theirs.shape == ours.shape and ours.size else float("inf")
+        elif activation == "sigmoid":  # compared as logits, log(p / (1 - p)), where float32 holds p apart from 0 and 1
+            held = (theirs >= _SMALLEST_PROBABILITY) & (theirs <= 1 - _SIGMOID_MARGIN)
+            ours, theirs = ours[held], np.log(theirs[held]) - np.log1p(-theirs[held])
+        diff = float(np.abs(theirs - ours).max()) if ours.size else float("inf")
         found.append(f"{what}: {diff:.3g}")
         if diff <= limit:
             if not record.limit or diff / limit >= record.max_diff / record.limit:  # the closest call is reported
@@ -176,13 +180,14 @@ def _compare_with_source(pieces: Pieces, raw: np.ndarray, out: dict, final: np.n
             record.compared = what
             return
     raise ParityError(
-        f"{pieces.own_name} computes something else than the reference ({pieces.how}), which follows "
+        f"{pieces.own_name} computes something other than the reference ({pieces.how}), which follows "
         f"keras.applications' graph as the converted model does: max |difference| {'; '.join(found)} "
         f"(limit {limit:.3g})"
     )
 
 
-_COMPARED = {"softmax": "logits (log softmax)", "sigmoid": "sigmoid of the logits (not recorded)"}
+_COMPARED = {"softmax": "logits (log softmax)", "sigmoid": "logits (from the sigmoid's output, not recorded)"}
+_SIGMOID_MARGIN = 1e-6  # float32 rounds probabilities closer to 1 than this: their logits are not recoverable
 _SMALLEST_PROBABILITY = 1e-30  # a float32 probability above this holds its logit to float32 precision
 
 
@@ -314,8 +319,14 @@ def _rebuilt(keras, arch: str, height: int, width: int, num_blocks: int, weights
     """keras.applications' `arch` backbone built for height x width, each weight layer's weights from `weights_of`."""
     app = _application(keras, arch, include_top=False, input_shape=(height, width, 3))
     runner = _backbone(keras, app, num_blocks)
-    for layer in _weight_layers(runner).values():
-        layer.set_weights(weights_of(layer))
+    for name, layer in _weight_layers(runner).items():
+        try:
+            layer.set_weights(weights_of(layer))
+        except (KeyError, ValueError) as e:  # a layer the source lacks, or weights of other shapes
+            raise UsageError(
+                f"keras.applications' {constructor(arch)} rebuilt for {height}x{width} cannot take the source's "
+                f"weights for its layer {name}: {one_line(str(e))}"
+            ) from e
     return runner
 
 

@@ -40,7 +40,7 @@ import torch
 
 from effconv import __version__
 from effconv.errors import UsageError
-from effconv.zoo import distributed, legacy_bicubic, pipelines
+from effconv.zoo import distributed, pipelines
 from effconv.zoo.devices import resolve_device
 from effconv.zoo.inference import IMAGE_SUFFIXES, card_preprocessing, imagenet_classes, images_in, prepare
 from effconv.zoo.predictions import TOP, PredictionsFile, rounded
@@ -171,8 +171,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, files: tuple[Path, ...], labels: tuple[int, ...], preprocessing: dict, crops_only=False):
         self.files, self.labels, self.preprocessing = files, labels, preprocessing
         self.crops_only = crops_only
-        if not crops_only:
-            legacy_bicubic.fast_kernel()  # compiled (or loaded) once here: forked workers inherit it
+        if not crops_only:  # readied once here (e.g. compiled): forked workers inherit it, spawned ones load it
+            pipelines.pipeline_of(preprocessing).warm()
 
     def __len__(self) -> int:
         return len(self.files)

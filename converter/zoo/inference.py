@@ -12,7 +12,7 @@ import torch
 
 from effconv.card import ModelCard
 from effconv.errors import UsageError
-from effconv.zoo.pipelines import INTERPOLATIONS, prepare  # noqa: F401 (re-exported: prepare is public)
+from effconv.zoo.pipelines import prepare  # noqa: F401 (re-exported: effconv.zoo.inference.prepare is public)
 
 IMAGENET_CLASSES_PATH = Path(__file__).with_name("imagenet_classes.tsv")  # WordNet id <TAB> class name
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")

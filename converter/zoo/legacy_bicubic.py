@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from effconv.errors import UsageError
+
 _CUBIC_A = -0.75
 _TABLE_SIZE = 1024
 
@@ -98,7 +100,7 @@ def _blocks_kernel(src, rows_i, rows_w, cols_i, cols_w, shift, scale, out):  # p
     height, width = out.shape[1], out.shape[2]
     flat = src.reshape(in_h, in_w * channels)
     row = np.empty(in_w * channels, np.float32)
-    columns = np.empty((channels, in_w, _KERNEL_ROWS), np.float32)
+    columns = np.zeros((channels, in_w, _KERNEL_ROWS), np.float32)  # a last short block reads rows it leaves
     tile = np.empty((width, _KERNEL_ROWS), np.float32)
     for top in range(0, height, _KERNEL_ROWS):
         rows = min(_KERNEL_ROWS, height - top)
@@ -141,7 +143,8 @@ def _kernel_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _compile(function, cache: bool):
     import numba
 
-    return numba.njit(cache=cache, nogil=True, boundscheck=False)(function)
+    # error_model="numpy": x / 0 is inf or nan as in numpy, torch and TF, not a ZeroDivisionError
+    return numba.njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")(function)
 
 
 def _rounds_like_tf(kernel) -> bool:
@@ -150,11 +153,12 @@ def _rounds_like_tf(kernel) -> bool:
     image = rng.integers(0, 256, (23, 37, 3), dtype=np.uint8)
     image[:4] = 0  # products of zero with negative weights: the sign of zero must come out as TF's
     shift, scale = np.float32([123.675, 0.0, 103.53]), np.float32([58.395, 1.0, 57.375])
-    for height, width in ((41, 19), (7, 64)):
-        expected = (resize_reference(image, height, width) - shift) / scale
+    floats = image.astype(np.float32) * np.float32(1.7) - np.float32(40)  # float input, negative values too
+    for source, (height, width) in ((image, (41, 19)), (image, (7, 64)), (floats, (30, 30))):
+        expected = (resize_reference(source, height, width) - shift) / scale
         got = np.empty((3, height, width), np.float32)
         try:
-            kernel(image, *_kernel_taps(23, height), *_kernel_taps(37, width), shift, scale, got)
+            kernel(source, *_kernel_taps(23, height), *_kernel_taps(37, width), shift, scale, got)
         except Exception:  # a kernel that does not compile or run here: not the one this module knows
             return False
         if not np.array_equal(got.view(np.uint32), np.ascontiguousarray(expected.transpose(2, 0, 1)).view(np.uint32)):
@@ -170,8 +174,10 @@ def fast_kernel():
     where it cannot, each process compiles it again (about a second).
     """
     try:
-        import numba  # noqa: F401
+        import numba
     except ImportError:  # numba is a dependency; a platform without it still gets the right bits, slower
+        return None
+    if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the kernel would run as Python, far slower than numpy
         return None
     for cache in (True, False):
         try:
@@ -195,24 +201,37 @@ def resize_planar(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """HxWxC (uint8 or float32) -> C x height x width float32, contiguous; (x - mean) / std when mean and std given.
+    """HxWxC image -> C x height x width float32, contiguous; then (x - mean) / std where either is given.
 
-    Bit-identical to `resize_reference` (channels first), so to TF.
+    uint8 and float32 are taken as they are, other dtypes cast to float32 as TF casts them. `mean` and `std`: one
+    number for every channel or one per channel (a missing one is 0 or 1). Bit-identical to `resize_reference`
+    (channels first), so to TF.
     """
+    image = as_float_input(np.asarray(image))
+    channels = image.shape[2]
+    shift = _per_channel(0.0 if mean is None else mean, channels, "mean")
+    scale = _per_channel(1.0 if std is None else std, channels, "std")
     kernel = fast_kernel()
     if kernel is None:
         out = np.ascontiguousarray(resize_reference(image, height, width).transpose(2, 0, 1))
-        if mean is not None:
-            _normalise(out, mean, std)
+        if mean is not None or std is not None:
+            _normalise(out, shift, scale)
         return out
-    channels = image.shape[2]
-    source = np.ascontiguousarray(as_float_input(image))
     # (x - 0) / 1 is x, bit for bit (-0.0 included): one kernel with and without normalisation
-    shift = np.zeros(channels, np.float32) if mean is None else np.asarray(mean, dtype=np.float32)
-    scale = np.ones(channels, np.float32) if mean is None else np.asarray(std, dtype=np.float32)
     out = np.empty((channels, height, width), np.float32)
+    source = np.ascontiguousarray(image)
     kernel(source, *_kernel_taps(image.shape[0], height), *_kernel_taps(image.shape[1], width), shift, scale, out)
     return out
+
+
+def _per_channel(value, channels: int, what: str) -> np.ndarray:
+    """A mean or std as float32 per channel: one number for all, or one per channel."""
+    array = np.asarray(value, dtype=np.float32).reshape(-1)
+    if array.size == 1:
+        return np.repeat(array, channels)
+    if array.size != channels:
+        raise UsageError(f"{what} has {array.size} values for an image of {channels} channels")
+    return array
 
 
 def _normalise(planar: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> None:

@@ -57,17 +57,22 @@ def center_crop_v2(image: np.ndarray, image_size: int, crop_padding: int = 32, f
     return image[top : top + side, left : left + side]
 
 
+@lru_cache(maxsize=256)
+def _torch_taps(in_size: int, out_size: int, device: str):
+    """`_taps` as tensors on `device`, copied there once per size (not once per image)."""
+    import torch
+
+    return tuple(torch.from_numpy(np.asarray(a)).to(device) for a in _taps(in_size, out_size))
+
+
 def resize_bilinear_tf2_torch(image, height: int, width: int):
     """HxWxC tensor (any dtype, any device) -> C x height x width float32 there, `resize_bilinear_tf2`'s bits.
 
     The same gathers and separate subtract, multiply and add kernels, in the same order, on a channels-first view.
     """
-    import torch
-
     planar = image.permute(2, 0, 1).float()
-    device = image.device
-    top_y, bottom_y, y_lerp = (torch.from_numpy(np.asarray(a)).to(device) for a in _taps(image.shape[0], height))
-    left_x, right_x, x_lerp = (torch.from_numpy(np.asarray(a)).to(device) for a in _taps(image.shape[1], width))
+    top_y, bottom_y, y_lerp = _torch_taps(image.shape[0], height, str(image.device))
+    left_x, right_x, x_lerp = _torch_taps(image.shape[1], width, str(image.device))
 
     def along_x(rows):
         left, right = rows.index_select(2, left_x), rows.index_select(2, right_x)

@@ -14,6 +14,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from effconv.models import load
+from effconv.zoo import pipelines
 from effconv.zoo.distributed import DistributedError, Ranks, _exit_code, largest_share, share
 from effconv.zoo.evaluation import evaluate
 from tests.support.eval_data import (
@@ -140,15 +141,24 @@ def test_the_launcher_reports_the_process_that_was_killed():
         _exit_code({0: failure(0, -15), 1: failure(1, -15)})
 
 
-def test_resizing_on_the_device_gives_the_same_predictions(setup, single, tmp_path):
+def test_resizing_on_the_device_gives_the_same_predictions(setup, single, tmp_path, monkeypatch):
     """--resize-on-device (on the CPU here: the torch code a GPU runs) with DataLoader workers: the same bits."""
     weights, data = setup
     predictions = tmp_path / "p.jsonl"
+    resized = []
+
+    def counted(crop, settings):
+        resized.append(tuple(crop.shape))
+        return on_device(crop, settings)
+
+    on_device = pipelines.prepare_on_device
+    monkeypatch.setattr(pipelines, "prepare_on_device", counted)
     with one_torch_thread():
         result = evaluate(
             load(weights), data, batch_size=BATCH, predictions=predictions, resize_on_device=True, workers=2
         )
     assert result.details["resize_on_device"] is True
+    assert len(resized) == IMAGES and all(shape[2] == 3 for shape in resized)  # every image resized there
     assert rows(predictions) == rows(single[1])
     assert _sha256(predictions) == _sha256(single[1])
     out, cli_predictions = tmp_path / "cli.json", tmp_path / "cli.jsonl"
@@ -157,3 +167,22 @@ def test_resizing_on_the_device_gives_the_same_predictions(setup, single, tmp_pa
     assert done.exit_code == 0, done.stderr
     assert json.loads(out.read_text())["resize_on_device"] is True
     assert rows(cli_predictions) == rows(single[1])[:30]
+
+
+def test_unreadable_images_with_resize_on_device(setup, tmp_path):
+    """Batches of 2: all readable, one unreadable of two, none readable: the same rows as the CPU path."""
+    weights, data = setup
+    folder = tmp_path / "val" / "49"
+    folder.mkdir(parents=True)
+    for i, path in enumerate(sorted((data / "49").iterdir())[:3]):
+        (folder / f"img{i}.jpg").write_bytes(path.read_bytes())
+    for name in ("img3.jpg", "img4.jpg", "img5.jpg"):
+        (folder / name).write_bytes(b"not a jpeg")
+    results = {}
+    for on_device in (False, True):
+        predictions = tmp_path / f"p{on_device}.jsonl"
+        with one_torch_thread():
+            result = evaluate(load(weights), tmp_path / "val", batch_size=2, predictions=predictions,
+                              resize_on_device=on_device, skip_bad=True)  # fmt: skip
+        results[on_device] = (result.images, result.details["skipped_count"], rows(predictions))
+    assert results[True] == results[False] and results[True][:2] == (3, 3)

@@ -62,8 +62,22 @@ def test_unknown_or_inconsistent_cards_are_refused():
         pipelines.prepare(image, {**TF1, "interpolation": "lanczos"})
     with pytest.raises(UsageError, match="odd pixel top/left"):
         pipelines.crop(image, {**TF1, "crop_offset": "floor"})
+    with pytest.raises(UsageError, match="odd pixel top/left"):  # the card itself, before any image is read
+        pipelines.pipeline_of({**TF1, "crop": "none"})
+    with pytest.raises(UsageError, match="TF2 bilinear cards"):
+        pipelines.pipeline_of({**SETTINGS["tf2 no crop"], "crop": "random"})
     with pytest.raises(UsageError, match="HxWx3"):
         pipelines.crop(np.zeros((40, 40), np.uint8), TF1)
+
+
+def test_crops_are_writable_for_torch(tmp_path):
+    """A PNG decoded by PIL is a read-only array; an uncropped (V2 "none") crop must still be one torch can own."""
+    from PIL import Image
+
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    crop = pipelines.crop(path, SETTINGS["tf2 no crop"])
+    assert crop.flags.writeable and crop.flags.c_contiguous and crop.shape == (40, 50, 3)
 
 
 def test_every_pipeline_has_tensorflow_ops_for_against_tf():

@@ -79,7 +79,7 @@ def test_resize_overshoots_unclipped(tf):
 
 @pytest.mark.parametrize("in_hw, out_hw", RESIZE_CASES)
 def test_every_resize_path_is_bit_identical_to_tf(tf, in_hw, out_hw):
-    """The sparse CPU path, the numpy reference and torch (CPU tensors) give TF's floats exactly."""
+    """The compiled CPU path, the numpy reference and torch (CPU tensors) give TF's floats exactly."""
     image = np.random.default_rng(sum(in_hw + out_hw) + 1).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
     theirs = tf_resize(tf, image, *out_hw)
     paths = {
@@ -131,12 +131,23 @@ def test_kernel_probe_accepts_the_compiled_kernel_and_refuses_fused_or_reordered
     def other_signature(image, height, width):
         return legacy_bicubic.resize_reference(image, height, width)
 
+    image = np.random.default_rng(1).integers(0, 256, (23, 37, 3), dtype=np.uint8)
+    taps = (*legacy_bicubic._kernel_taps(23, 41), *legacy_bicubic._kernel_taps(37, 19))
+    shift, scale = np.float32([100, 0, 50]), np.float32([50, 1, 60])
+    expected = np.ascontiguousarray(
+        ((legacy_bicubic.resize_reference(image, 41, 19) - shift) / scale).transpose(2, 0, 1)
+    )
+    for kernel in (fused, reordered):  # they run, and differ: refused for their bits, not for failing
+        got = np.empty((3, 41, 19), np.float32)
+        kernel(image, *taps, shift, scale, got)
+        assert np.abs(got - expected).max() < 1e-3 and not np.array_equal(got, expected), kernel.__name__
     for kernel in (fused, reordered, other_signature):
         assert not legacy_bicubic._rounds_like_tf(kernel), kernel.__name__
 
 
 def test_fast_path_equals_the_reference_bit_for_bit():
     """Down, up, odd sizes, one and three channels, uint8 and float32, with and without mean/std."""
+    assert legacy_bicubic.fast_kernel() is not None, "numba is missing, or its kernel rounds unlike TF here"
     rng = np.random.default_rng(7)
     for shape, out_hw in (((90, 120, 3), (64, 64)), ((31, 17, 3), (97, 45)), ((40, 33, 1), (33, 40))):
         for image in (rng.integers(0, 256, shape, dtype=np.uint8), (rng.random(shape) * 255).astype(np.float32)):
@@ -150,6 +161,25 @@ def test_fast_path_equals_the_reference_bit_for_bit():
             assert np.array_equal(got.view(np.uint32), normalised.view(np.uint32)), (shape, out_hw, "mean/std")
     view = rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)[5:45, 7:50]  # a crop: not contiguous
     assert np.array_equal(legacy_bicubic.resize_planar(view, 30, 30), legacy_bicubic.resize_planar(view.copy(), 30, 30))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["compiled", "numpy"])
+def test_mean_and_std_per_channel_or_one_for_all(fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(legacy_bicubic, "fast_kernel", lambda: None)
+    image = np.random.default_rng(2).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    plain = legacy_bicubic.resize_planar(image, 16, 16)
+    one = legacy_bicubic.resize_planar(image, 16, 16, 127.5, 127.5)
+    assert np.array_equal(one, (plain - np.float32(127.5)) / np.float32(127.5))
+    assert np.array_equal(
+        legacy_bicubic.resize_planar(image, 16, 16, mean=[10, 20, 30]), plain - np.float32([10, 20, 30])[:, None, None]
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert np.isinf(legacy_bicubic.resize_planar(image, 16, 16, 0.0, 0.0)).any()  # / 0: inf, as numpy and TF
+    with pytest.raises(UsageError, match="mean has 3 values for an image of 4 channels"):
+        legacy_bicubic.resize_planar(np.zeros((8, 8, 4), np.uint8), 4, 4, [1, 2, 3], [1, 2, 3])
+    as_float64 = legacy_bicubic.resize_planar(image.astype(np.float64), 16, 16)
+    assert as_float64.dtype == np.float32 and np.array_equal(as_float64, plain)  # cast to float32 as TF casts
 
 
 def test_torch_crop_rejects_bad_shapes():
