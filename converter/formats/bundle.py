@@ -541,7 +541,7 @@ class TensorBundleReader:
             with self._lock:
                 f = self._shard_file(info.shard)
                 f.seek(info.offset)
-                got = _read_into(f, buffer)
+                got = read_into(f, buffer)
             if got != info.size:
                 raise CheckpointError(f"truncated data file {path}: tensor {name!r} got {got} of {info.size} bytes")
         if verify and google_crc32c.value(buffer) != info.crc32c:
@@ -574,7 +574,7 @@ class TensorBundleReader:
         self.close()
 
 
-def _read_into(f: BinaryIO, buffer: np.ndarray) -> int:
+def read_into(f: BinaryIO, buffer: np.ndarray | memoryview) -> int:
     """Fill `buffer` from `f`; returns the bytes read (short only at end of file)."""
     view = memoryview(buffer)
     got = 0

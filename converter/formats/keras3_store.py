@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from effconv.errors import CheckpointError, EffconvError, UsageError, one_line
+from effconv.formats.bundle import read_into
 from effconv.formats.keras_h5 import PROBE_SECONDS, H5TensorInfo, H5Weights, probe_in_child
 
 __all__ = ["Keras3WeightsStore", "NotKeras3", "VarsGroup", "is_keras3_layout", "probe", "snake_case"]
@@ -85,13 +86,7 @@ def _import_h5py():
 def _read_at(f, offset: int, view: memoryview) -> int:
     """Fill `view` from `f` at `offset`; the bytes read (fewer only at the end of the file)."""
     f.seek(offset)
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
+    return read_into(f, view)
 
 
 class _Window(io.RawIOBase):

@@ -13,7 +13,6 @@ mmpretrain, all four families in transformers) are refused before any tensor is 
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -26,10 +25,9 @@ from effconv.models import load, spec
 from effconv.models.efficientnet import model_tensor_shapes
 from tests.conftest import PROJECT_ROOT
 from tests.support.families import registered
-from tests.support.helpers import assert_close, nchw, run_cli
+from tests.support.helpers import assert_close, nchw, run_cli, run_library_side
 
 TIMM_PYTHON = PROJECT_ROOT / ".venv-timm" / "bin" / "python"
-LIBRARY_SIDE = PROJECT_ROOT / "tests" / "support" / "library_side.py"
 FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 
 
@@ -154,14 +152,7 @@ def family_run(tmp_path_factory):
     }
     jobs = {"input": str(tmp / "synth-edgetpu-m-64.npz"), "load": loads, "keys": keys, "cards": card_jobs}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run(
-        [str(TIMM_PYTHON), str(LIBRARY_SIDE), str(tmp / "jobs.json"), str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, f"library side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    print(proc.stdout)
+    output = run_library_side(tmp)
     results = {}
     for npz in ("logits", "card_logits"):
         with np.load(tmp / f"{npz}.npz") as data:
@@ -176,7 +167,7 @@ def family_run(tmp_path_factory):
         "keys": json.loads((tmp / "keys.json").read_text()),
         "configs": json.loads((tmp / "cards.json").read_text()),
         "names": json.loads((tmp / "model_names.json").read_text()),
-        "output": proc.stdout + proc.stderr,
+        "output": output,
         "effconv": {},  # file -> effconv's model of it; (file, input) -> its logits
     }
 

@@ -10,7 +10,6 @@ lists both libraries' keys and shapes for every arch. A missing .venv-timm fails
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -24,10 +23,9 @@ from effconv.models import create_model, load, spec
 from effconv.models.efficientnet import model_tensor_shapes
 from effconv.output.artifact import card_from_metadata, read_weights
 from tests.conftest import PROJECT_ROOT
-from tests.support.helpers import assert_close, max_abs, nchw, run_cli
+from tests.support.helpers import assert_close, max_abs, nchw, run_cli, run_library_side
 
 TIMM_PYTHON = PROJECT_ROOT / ".venv-timm" / "bin" / "python"
-LIBRARY_SIDE = PROJECT_ROOT / "tests" / "support" / "library_side.py"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 FILE_LAYOUTS = [name for name in LAYOUT_NAMES if get_layout(name).folder is None]  # hf: test_hf_layout.py
@@ -70,14 +68,7 @@ def library_run(tmp_path_factory, fixture_ckpt, oracle):
         "head_channels": {a: spec.head_channels(a) for a in B_ARCHS},
     }
     (tmp / "jobs.json").write_text(json.dumps({"input": str(tmp / "x.npz"), "load": jobs, "keys": keys}))
-    proc = subprocess.run(
-        [str(TIMM_PYTHON), str(LIBRARY_SIDE), str(tmp / "jobs.json"), str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, f"library side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    print(proc.stdout)
+    run_library_side(tmp)
     with np.load(tmp / "logits.npz") as data:
         logits = {k: data[k] for k in data.files}
     return logits, json.loads((tmp / "keys.json").read_text())
@@ -307,20 +298,13 @@ def card_run(tmp_path_factory, fixture_ckpt, oracle):
             line = line if line.startswith("model = ") else f"model = {line}"
             jobs.append(_card_job(f"ten-{layout}{suffix}", layout, line, str(out), str(x_path)))
     (tmp / "jobs.json").write_text(json.dumps({"cards": jobs}))
-    proc = subprocess.run(
-        [str(TIMM_PYTHON), str(LIBRARY_SIDE), str(tmp / "jobs.json"), str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, f"library side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    print(proc.stdout)
+    output = run_library_side(tmp)
     with np.load(tmp / "card_logits.npz") as data:
         logits = {k: data[k] for k in data.files}
     configs = json.loads((tmp / "cards.json").read_text())
     names = json.loads((tmp / "model_names.json").read_text())
     return {"cards": cards, "configs": configs, "logits": logits, "names": names, "dir": tmp,
-            "output": proc.stdout + proc.stderr}  # fmt: skip
+            "output": output}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", [*CARD_VARIANTS, *META_CARDS])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import torch
 from click.testing import CliRunner
@@ -57,3 +60,22 @@ def assert_close(actual, ref, *, atol: float = FLOAT32_ATOL, rtol: float = FLOAT
         f"{what}: max|diff| {diff:.3g} > limit {limit:.3g} = {atol:g} + {rtol:g} * max|ref| {np.abs(ref).max():.3g}"
     )
     return diff, limit
+
+
+TIMM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-timm" / "bin" / "python"
+LIBRARY_SIDE = Path(__file__).with_name("library_side.py")
+
+
+def run_library_side(folder: Path) -> str:
+    """Run `folder`/jobs.json through the real libraries in .venv-timm (library_side.py); results land in `folder`.
+
+    Returns what the library side printed (stdout, then stderr)."""
+    proc = subprocess.run(
+        [str(TIMM_PYTHON), str(LIBRARY_SIDE), str(folder / "jobs.json"), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, f"library side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    print(proc.stdout)
+    return proc.stdout + proc.stderr
